@@ -1,0 +1,9 @@
+"""tgsft: Tree Generation SFT.
+
+Driver-side stages, one module each: ``config`` (typed settings), ``model`` (embedded model), ``chat`` (template
+probing), ``tree`` (pure tree logic), ``dedup``, ``corpus`` (Parquet + manifest), ``generate`` (tree generation),
+``data`` (domain loaders), ``mix``, ``tokenize`` (masks, packing), ``train``, ``serve``, ``evaluate``, ``report``,
+``run`` (end to end), ``cli``. Importing this package loads none of ray, vllm, torch or deepspeed.
+"""
+
+__version__ = "0.1.0"

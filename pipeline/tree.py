@@ -1,0 +1,221 @@
+"""Pure tree logic for Tree Generation: layer schedule, node ids and seeds, frontier expansion, output filters,
+root-to-leaf path extraction.
+
+Layers are numbered from 1. In an ``sft`` tree odd layers are *question* layers (the model writes the user turn)
+and even layers are *answer* layers; a ``pt`` tree has only *text* layers (plain continuation). Layer i gives every
+kept node of layer i-1 exactly N_i children, each with its own seed, generated with at most L_i new tokens.
+
+No Ray, vLLM or torch here: everything works on plain lists and dicts so it can be unit-tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = [
+    "ROOT_ID",
+    "Layer",
+    "Outcome",
+    "child_seed",
+    "classify",
+    "expand",
+    "extract_paths",
+    "layer_kind",
+    "node_id",
+    "schedule",
+]
+
+ROOT_ID = "root"
+
+# Drop reasons, in the order they are checked.
+EMPTY, TRUNCATED, ROLE_MARKER, REPETITION, DUPLICATE, NEAR_DUPLICATE = (
+    "empty",
+    "truncated",
+    "role_marker",
+    "repetition",
+    "duplicate",
+    "near_duplicate",
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    level: int  # 1-based
+    kind: str  # "question" | "answer" | "text"
+    branching: int  # N_i
+    max_new_tokens: int  # L_i
+
+
+def layer_kind(level: int, mode: str) -> str:
+    """'question' on odd levels and 'answer' on even levels of an sft tree; 'text' for pt trees."""
+    if mode == "pt":
+        return "text"
+    return "question" if level % 2 == 1 else "answer"
+
+
+def schedule(branching: Sequence[int], max_new_tokens: Sequence[int], mode: str = "sft") -> list[Layer]:
+    """The layers of a tree, with the node count each level reaches if nothing is dropped."""
+    return [
+        Layer(level=i + 1, kind=layer_kind(i + 1, mode), branching=n, max_new_tokens=length)
+        for i, (n, length) in enumerate(zip(branching, max_new_tokens, strict=True))
+    ]
+
+
+def max_nodes(branching: Sequence[int]) -> list[int]:
+    """Upper bound of nodes per level: the running product of N_i."""
+    out, total = [], 1
+    for n in branching:
+        total *= n
+        out.append(total)
+    return out
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+
+
+def child_seed(run_seed: int, parent_id: str, branch: int) -> int:
+    """Sampling seed of a child: a deterministic hash of the run seed, its parent and its branch index (< 2**31)."""
+    return int.from_bytes(_digest("seed", run_seed, parent_id, branch), "big") & 0x7FFFFFFF
+
+
+def node_id(parent_id: str, branch: int, seed: int) -> str:
+    """Node id: 16 hex digits hashing the parent id, branch index and seed, stable across reruns."""
+    return _digest("node", parent_id, branch, seed).hex()
+
+
+def expand(parents: Iterable[dict], *, level: int, branching: int, run_seed: int) -> list[dict]:
+    """Children of the kept parents of a level: ``branching`` per parent, each with its own id and seed.
+
+    Args:
+        parents: dicts with ``node_id`` and ``group`` (the level-1 ancestor, used to route whole subtrees to one
+            engine so their shared prefixes hit its cache); the root has ``node_id == ROOT_ID``.
+        level: level of the children.
+        branching: N_i.
+        run_seed: ``tree.seed``.
+
+    Returns:
+        Child dicts with ``node_id, parent_id, level, branch, seed, group`` in parent order, then branch order.
+    """
+    children = []
+    for p in parents:
+        for b in range(branching):
+            seed = child_seed(run_seed, p["node_id"], b)
+            nid = node_id(p["node_id"], b, seed)
+            group = nid if p["node_id"] == ROOT_ID else p["group"]
+            children.append(
+                {"node_id": nid, "parent_id": p["node_id"], "level": level, "branch": b, "seed": seed, "group": group}
+            )
+    return children
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "kept" | "dropped"
+    drop_reason: str | None
+
+
+KEPT = Outcome("kept", None)
+_WORD = re.compile(r"\w+")
+
+
+def _is_loop(text: str, n: int, fraction: float) -> bool:
+    """True if one word n-gram covers at least ``fraction`` of all n-grams (a repetition loop)."""
+    words = _WORD.findall(text.lower())
+    if len(words) < 4 * n:
+        return False
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    top = grams.most_common(1)[0][1]
+    return top * n / len(words) >= fraction
+
+
+def classify(
+    text: str,
+    finish_reason: str,
+    *,
+    kind: str,
+    markers: Sequence[str],
+    truncated: str = "drop",
+    min_chars: int = 1,
+    repeat_ngram: int = 4,
+    repeat_fraction: float = 0.5,
+) -> Outcome:
+    """Keep or drop one generated text, with the reason.
+
+    Order: empty, truncated (hit L_i without end-of-turn; only when ``truncated == 'drop'`` and never for plain
+    text layers, which are continuations by design), role markers leaking into the text, repetition loops.
+    Exact and near duplicates need the whole level: see :func:`mark_duplicates` and ``pipeline.dedup``.
+    """
+    stripped = text.strip()
+    if len(stripped) < min_chars:
+        return Outcome("dropped", EMPTY)
+    if finish_reason == "length" and truncated == "drop" and kind != "text":
+        return Outcome("dropped", TRUNCATED)
+    if any(m in text for m in markers):
+        return Outcome("dropped", ROLE_MARKER)
+    if _is_loop(stripped, repeat_ngram, repeat_fraction):
+        return Outcome("dropped", REPETITION)
+    return KEPT
+
+
+def normalize(text: str) -> str:
+    """Whitespace- and case-folded text for exact-duplicate checks."""
+    return " ".join(text.lower().split())
+
+
+def mark_duplicates(rows: Sequence[dict]) -> list[bool]:
+    """True for each kept row whose normalized text repeats an earlier kept sibling (same parent)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in rows:
+        key = (r["parent_id"], normalize(r["text"]))
+        dup = r["status"] == "kept" and key in seen
+        if r["status"] == "kept" and not dup:
+            seen.add(key)
+        out.append(dup)
+    return out
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def extract_paths(levels: Sequence[Sequence[dict]]) -> list[list[dict]]:
+    """Every root-to-leaf path of kept nodes that reaches the last level.
+
+    Args:
+        levels: per level (1..D), the node dicts (``node_id, parent_id, status, ...``).
+
+    Returns:
+        One list per leaf: the kept nodes from level 1 to level D, in order. Leaves come in the order of
+        ``levels[-1]``.
+    """
+    if not levels:
+        return []
+    kept = [{n["node_id"]: n for n in level if n["status"] == "kept"} for level in levels]
+    paths = []
+    for leaf in levels[-1]:
+        if leaf["status"] != "kept":
+            continue
+        path, node = [leaf], leaf
+        for depth in range(len(levels) - 2, -1, -1):
+            node = kept[depth].get(node["parent_id"])
+            if node is None:
+                break
+            path.append(node)
+        else:
+            paths.append(path[::-1])
+    return paths
+
+
+def path_messages(system: list[dict], path: Sequence[dict]) -> list[dict]:
+    """Hugging Face chat messages for one sft path: the root's system message, then user/assistant turns."""
+    roles = {"question": "user", "answer": "assistant"}
+    return list(system) + [{"role": roles[n["kind"]], "content": n["text"]} for n in path]
+

@@ -1,0 +1,59 @@
+"""Shared fixtures. Unit tests need none of them; integration tests share one Ray cluster, one prepared embedded
+model and one vLLM engine pool per session, because each engine start costs 20-100 s here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Logical CPUs for the test cluster: more than the 2 cores, so an engine actor, Ray Data tasks, 2 train workers
+# and Serve replicas can all be placed; they time-share the cores.
+TEST_RAY_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face folder (converted once, then cached)."""
+    from pipeline.model import prepare_embedded
+
+    return str(prepare_embedded(log=lambda *_: None))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole session, bound to loopback."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engines(ray_session, model_path):
+    """One vLLM engine actor on the embedded model, shared by every generation test."""
+    from actors.engine import start_engines, stop_engines
+    from pipeline.config import EngineConfig, ModelConfig
+    from pipeline.generate import engine_options
+
+    opts = engine_options(ModelConfig(), EngineConfig(enforce_eager=True, kv_cache_gib=1.0))
+    handles = start_engines(model_path, **opts)
+    yield handles
+    stop_engines(handles)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The benchmark data folder beside the checkout, when it exists (never needed by unit tests)."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip("shared data folder not present")
+    return path
