@@ -37,23 +37,27 @@ class GenerationEngine:
         """Seconds the engine took to start."""
         return self.start_seconds
 
-    def generate(self, batch: dict[str, list], sampling: dict[str, Any]) -> dict[str, list]:
-        """Generate one completion per row.
+    def generate(
+        self, prompts: list[str], seeds: list[int], *, max_tokens: int, stop: list[str], sampling: dict[str, Any]
+    ) -> dict[str, list]:
+        """Generate one completion per prompt, each with its own seed.
 
         Args:
-            batch: columns ``prompt`` (str), ``seed`` (int), ``max_tokens`` (int), ``stop`` (list[str]).
+            prompts: rendered prompts.
+            seeds: one sampling seed per prompt.
+            max_tokens: new-token cap (L_i).
+            stop: stop strings (the end-of-turn text); the model's EOS token always stops too.
             sampling: shared ``SamplingParams`` fields (temperature, top_p, top_k, repetition_penalty).
 
         Returns:
-            Columns ``text``, ``n_tokens``, ``finish_reason`` ('stop' | 'length'), ``prompt_tokens``, in row order.
+            Columns ``text``, ``n_tokens``, ``finish_reason`` ('stop' | 'length'), ``prompt_tokens``, in prompt order.
         """
         from vllm import SamplingParams
 
         params = [
-            SamplingParams(n=1, seed=int(seed), max_tokens=int(max_tokens), stop=list(stop), **sampling)
-            for seed, max_tokens, stop in zip(batch["seed"], batch["max_tokens"], batch["stop"])
+            SamplingParams(n=1, seed=int(s), max_tokens=max_tokens, stop=list(stop), **sampling) for s in seeds
         ]
-        outs = self._llm.generate(list(batch["prompt"]), params, use_tqdm=False)
+        outs = self._llm.generate(list(prompts), params, use_tqdm=False)
         self.calls += 1
         return {
             "text": [o.outputs[0].text for o in outs],

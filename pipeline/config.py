@@ -66,7 +66,7 @@ class EngineConfig(_Section):
         False, description="Skip graph compilation: faster start (~20 s vs ~100 s on CPU), slower steps."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache of shared prefixes (siblings, ancestors).")
-    kv_cache_gib: float = Field(2.0, gt=0, description="CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: int = Field(2, ge=1, description="CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction for vLLM.")
     max_num_seqs: int = Field(128, ge=1, description="Sequences one engine schedules at once.")
     batch_size: int = Field(256, ge=1, description="Rows per Ray Data batch sent to an engine.")
@@ -104,8 +104,10 @@ class DedupConfig(_Section):
 
 
 class FilterConfig(_Section):
-    truncated: Literal["drop", "keep"] = Field(
-        "drop", description="Outputs that hit L_i without end-of-turn: drop them or keep them as they are."
+    truncated: Literal["drop", "trim", "keep"] = Field(
+        "trim",
+        description="Outputs that hit L_i without end-of-turn: drop them, trim them back to their last full "
+        "sentence (dropped if that loses more than half), or keep them as they are.",
     )
     min_chars: int = Field(1, ge=1, description="Shorter outputs (after stripping) are dropped as empty.")
     repeat_ngram: int = Field(4, ge=2, description="n for the repetition-loop check (word n-grams).")
@@ -187,7 +189,8 @@ class DataConfig(_Section):
 
 class MixConfig(_Section):
     tg_ratio: float = Field(
-        0.5, ge=0, le=1, description="Share of the mix that comes from the TG corpus (0 = domain only)."
+        0.5, ge=0, lt=1, description="Share of the mix that comes from the TG corpus (0 = domain only; < 1 because "
+        "every domain example is always used)."
     )
     by: Literal["examples", "tokens"] = Field("examples", description="The ratio counts examples or tokens.")
     seed: int = Field(0, description="Sampling and shuffling seed; each epoch reshuffles with seed + epoch.")
@@ -231,8 +234,16 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs per model replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica.")
     enforce_eager: bool = Field(True, description="See engine.enforce_eager.")
-    kv_cache_gib: float = Field(1.0, gt=0, description="CPU only: KV cache GiB per served model.")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU only: KV cache whole GiB per served model.")
     ready_timeout_s: float = Field(600, gt=0, description="Seconds to wait for every model to answer.")
+    server_cpus: float = Field(
+        0.25, ge=0, description="Logical CPUs of each model's LLMServer replica actor (the engine has its own)."
+    )
+    ingress_cpus: float = Field(
+        0.25, ge=0, description="Logical CPUs of the OpenAI ingress replica; it only routes requests."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction per model.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine keyword arguments.")
 
 
 class DomainTaskConfig(_Section):
@@ -248,7 +259,9 @@ class EvalConfig(_Section):
     )
     data_dir: str | None = Field(None, description="Directory with upstream-format files for the offline mirrors.")
     limit: int | None = Field(None, ge=1, description="Items per task (None = all).")
-    num_fewshot: int = Field(0, ge=0, description="Few-shot examples per item.")
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per item; None: each task's default (0 for most, 5 for gsm8k)."
+    )
     num_concurrent: int = Field(4, ge=1, description="Parallel requests to the endpoint.")
     domain: DomainTaskConfig = Field(default_factory=DomainTaskConfig, description="The run's domain task.")
     retention_dialogues: int = Field(

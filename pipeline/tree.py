@@ -14,7 +14,7 @@ import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 __all__ = [
     "ROOT_ID",
@@ -23,10 +23,15 @@ __all__ = [
     "child_seed",
     "classify",
     "expand",
-    "extract_paths",
+    "grow_paths",
+    "mark_duplicates",
+    "max_nodes",
+    "normalize",
+    "path_messages",
     "layer_kind",
     "node_id",
     "schedule",
+    "trim_to_sentence",
 ]
 
 ROOT_ID = "root"
@@ -120,10 +125,11 @@ def expand(parents: Iterable[dict], *, level: int, branching: int, run_seed: int
 class Outcome:
     status: str  # "kept" | "dropped"
     drop_reason: str | None
+    text: str  # the text to store (trimmed when a truncated output was cut back to a full sentence)
 
 
-KEPT = Outcome("kept", None)
 _WORD = re.compile(r"\w+")
+_SENTENCE_END = re.compile(r"[.!?。](?:[\"')\]]*)(?=\s|$)|\n\n")
 
 
 def _is_loop(text: str, n: int, fraction: float) -> bool:
@@ -136,33 +142,45 @@ def _is_loop(text: str, n: int, fraction: float) -> bool:
     return top * n / len(words) >= fraction
 
 
+def trim_to_sentence(text: str, *, min_share: float = 0.5) -> str | None:
+    """Cut a truncated text back to its last complete sentence; None if that keeps less than ``min_share``."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if not ends or ends[-1] < min_share * len(text):
+        return None
+    return text[: ends[-1]].rstrip()
+
+
 def classify(
     text: str,
     finish_reason: str,
     *,
     kind: str,
     markers: Sequence[str],
-    truncated: str = "drop",
+    truncated: str = "trim",
     min_chars: int = 1,
     repeat_ngram: int = 4,
     repeat_fraction: float = 0.5,
 ) -> Outcome:
     """Keep or drop one generated text, with the reason.
 
-    Order: empty, truncated (hit L_i without end-of-turn; only when ``truncated == 'drop'`` and never for plain
-    text layers, which are continuations by design), role markers leaking into the text, repetition loops.
+    Order: empty; truncated (hit L_i without end-of-turn: 'drop' drops it, 'trim' cuts it back to its last full
+    sentence and drops it only if that loses more than half, 'keep' keeps it; plain text layers are continuations
+    by design and never count as truncated); role markers leaking into the text; repetition loops.
     Exact and near duplicates need the whole level: see :func:`mark_duplicates` and ``pipeline.dedup``.
     """
     stripped = text.strip()
     if len(stripped) < min_chars:
-        return Outcome("dropped", EMPTY)
-    if finish_reason == "length" and truncated == "drop" and kind != "text":
-        return Outcome("dropped", TRUNCATED)
+        return Outcome("dropped", EMPTY, text)
+    if finish_reason == "length" and kind != "text" and truncated != "keep":
+        trimmed = trim_to_sentence(stripped) if truncated == "trim" else None
+        if trimmed is None:
+            return Outcome("dropped", TRUNCATED, text)
+        text = stripped = trimmed
     if any(m in text for m in markers):
-        return Outcome("dropped", ROLE_MARKER)
+        return Outcome("dropped", ROLE_MARKER, text)
     if _is_loop(stripped, repeat_ngram, repeat_fraction):
-        return Outcome("dropped", REPETITION)
-    return KEPT
+        return Outcome("dropped", REPETITION, text)
+    return Outcome("kept", None, text)
 
 
 def normalize(text: str) -> str:
@@ -186,32 +204,22 @@ def mark_duplicates(rows: Sequence[dict]) -> list[bool]:
 # ----------------------------------------------------------------------------- paths
 
 
-def extract_paths(levels: Sequence[Sequence[dict]]) -> list[list[dict]]:
-    """Every root-to-leaf path of kept nodes that reaches the last level.
+def grow_paths(paths: Mapping[str, tuple], rows: Iterable[dict]) -> dict[str, tuple]:
+    """Root-to-node paths of a level's kept nodes: each is its parent's path plus the node itself.
 
     Args:
-        levels: per level (1..D), the node dicts (``node_id, parent_id, status, ...``).
+        paths: node id -> path (tuple of node dicts from level 1 down) for the kept nodes of the level above;
+            ``{ROOT_ID: ()}`` above level 1.
+        rows: the level's nodes (``node_id, parent_id, status, kind, text``).
 
     Returns:
-        One list per leaf: the kept nodes from level 1 to level D, in order. Leaves come in the order of
-        ``levels[-1]``.
+        node id -> path for every kept row whose parent has a path. At the last level these are the dialogues.
     """
-    if not levels:
-        return []
-    kept = [{n["node_id"]: n for n in level if n["status"] == "kept"} for level in levels]
-    paths = []
-    for leaf in levels[-1]:
-        if leaf["status"] != "kept":
-            continue
-        path, node = [leaf], leaf
-        for depth in range(len(levels) - 2, -1, -1):
-            node = kept[depth].get(node["parent_id"])
-            if node is None:
-                break
-            path.append(node)
-        else:
-            paths.append(path[::-1])
-    return paths
+    return {
+        r["node_id"]: paths[r["parent_id"]] + (r,)
+        for r in rows
+        if r["status"] == "kept" and r["parent_id"] in paths
+    }
 
 
 def path_messages(system: list[dict], path: Sequence[dict]) -> list[dict]:

@@ -44,7 +44,7 @@ def engines(ray_session, model_path):
     from pipeline.config import EngineConfig, ModelConfig
     from pipeline.generate import engine_options
 
-    opts = engine_options(ModelConfig(), EngineConfig(enforce_eager=True, kv_cache_gib=1.0))
+    opts = engine_options(ModelConfig(), EngineConfig(enforce_eager=True, kv_cache_gib=1))
     handles = start_engines(model_path, **opts)
     yield handles
     stop_engines(handles)

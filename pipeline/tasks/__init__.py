@@ -1,0 +1,46 @@
+"""lm-eval tasks shipped with tgsft: offline mirrors of standard tasks and the project's own ``tgsft_general``.
+
+The YAMLs here are static; the upstream data directory reaches their loaders (``loaders.py``) at run time through
+the TaskManager metadata key ``data_dir``, so nothing is generated or downloaded:
+
+    task_manager(data_dir="/data/eval").load(["tgsft_arc_easy", "arc_easy"])   # mirrors and standard tasks
+
+Importing this package does not import lm_eval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MIRRORS", "TASKS_DIR", "task_manager"]
+
+TASKS_DIR = Path(__file__).parent
+
+# mirror task -> the standard lm-eval task whose prompts and metrics it reproduces
+MIRRORS: dict[str, str] = {
+    "tgsft_arc_easy": "arc_easy",
+    "tgsft_arc_challenge": "arc_challenge",
+    "tgsft_piqa": "piqa",
+    "tgsft_sciq": "sciq",
+    "tgsft_winogrande": "winogrande",
+    "tgsft_gsm8k": "gsm8k",
+    "tgsft_truthfulqa_mc1": "truthfulqa_mc1",
+    "tgsft_truthfulqa_mc2": "truthfulqa_mc2",
+}
+
+
+def task_manager(*, data_dir: str | Path | None) -> Any:
+    """An ``lm_eval.tasks.TaskManager`` that knows the standard tasks and the ones in this folder.
+
+    Args:
+        data_dir: directory of upstream-format files for the mirrors (None: mirrors fail when loaded, naming the
+            setting to give).
+
+    Returns:
+        The TaskManager; its ``load([...])`` builds tasks by name.
+    """
+    from lm_eval.tasks import TaskManager
+
+    meta = {"data_dir": str(Path(data_dir).expanduser().resolve())} if data_dir else {}
+    return TaskManager(include_path=str(TASKS_DIR), metadata=meta)

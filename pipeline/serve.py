@@ -1,0 +1,227 @@
+"""Serve base and tuned models behind one OpenAI-compatible endpoint with Ray Serve LLM (vLLM engines).
+
+    tgsft serve CONFIG                               # base + <run>/train/model if it exists; Ctrl-C stops
+    tgsft serve CONFIG --model base=/m/a --model tuned=/m/b
+
+Reads: model folders (or hub ids). Writes nothing; the app listens on ``serve.host:serve.port`` under
+``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, each model under its own id.
+
+CPU accounting (see ServeConfig): each model takes ``cpus_per_replica`` logical CPUs for its engine worker plus
+``server_cpus`` for its LLMServer replica actor (one placement group), and the ingress takes ``ingress_cpus``. A
+local Ray started here gets at least that many logical CPUs, even on a 2-core machine (they time-share cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipeline.config import ModelConfig, ServeConfig, TGConfig
+
+__all__ = ["APP_NAME", "build_app_args", "default_models", "request_json", "required_cpus", "serve_forever",
+           "serving", "wait_ready"]
+
+APP_NAME = "tgsft"
+
+
+def default_models(cfg: TGConfig, *, log: Callable[[str], None] = print) -> dict[str, str]:
+    """The models a run serves by default: ``base`` (model.source) and ``tuned`` (<run>/train/model) if trained."""
+    from pipeline.model import resolve_model
+
+    models = {"base": resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)}
+    tuned = cfg.run_dir / "train" / "model"
+    if (tuned / "config.json").is_file():
+        models["tuned"] = str(tuned.resolve())
+    return models
+
+
+def required_cpus(n_models: int, serve: ServeConfig) -> float:
+    """Logical CPUs the app reserves: per model engine + server actor, plus the ingress."""
+    return n_models * (serve.cpus_per_replica + serve.server_cpus) + serve.ingress_cpus
+
+
+def build_app_args(models: dict[str, str], *, serve: ServeConfig, model: ModelConfig) -> dict[str, Any]:
+    """``LLMServingArgs`` for ``ray.serve.llm.build_openai_app`` as plain data (no Ray import).
+
+    Args:
+        models: model id -> Hugging Face folder or hub id.
+        serve: replica resources, KV cache and engine options.
+        model: dtype, context length and remote-code policy shared by every served model.
+
+    Returns:
+        ``{"llm_configs": [...], "ingress_deployment_config": {...}}``.
+
+    Raises:
+        ValueError: no models.
+    """
+    if not models:
+        raise ValueError("serve: no models to serve")
+    bundle: dict[str, float] = {"CPU": serve.cpus_per_replica}
+    engine_kwargs: dict[str, Any] = {
+        "dtype": model.dtype,
+        "max_model_len": model.max_model_len,
+        "enforce_eager": serve.enforce_eager,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    if serve.gpus_per_replica > 0:
+        bundle["GPU"] = serve.gpus_per_replica
+        engine_kwargs["gpu_memory_utilization"] = serve.gpu_memory_utilization
+    engine_kwargs.update(serve.engine_kwargs)
+    # vLLM's CPU backend sizes its KV cache from this variable; GPU engines ignore it.
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(serve.kv_cache_gib)))}
+    configs = [
+        {
+            "model_loading_config": {"model_id": model_id, "model_source": source},
+            "engine_kwargs": dict(engine_kwargs),
+            "placement_group_config": {"bundles": [dict(bundle)]},
+            "deployment_config": {
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_cpus": serve.server_cpus},
+            },
+            "runtime_env": {"env_vars": env},
+            "log_engine_metrics": False,
+        }
+        for model_id, source in models.items()
+    ]
+    return {"llm_configs": configs, "ingress_deployment_config": {"ray_actor_options": {"num_cpus": serve.ingress_cpus}}}
+
+
+def request_json(url: str, payload: dict | None = None, *, timeout: float = 300) -> dict:
+    """GET (no payload) or POST JSON to ``url`` and decode the JSON answer.
+
+    Raises:
+        RuntimeError: the server answered with an HTTP error (status and body in the message).
+        urllib.error.URLError: the server is unreachable.
+    """
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+
+
+def wait_ready(
+    base_url: str, model_ids: list[str], *, timeout_s: float, check: Callable[[], None] | None = None
+) -> None:
+    """Poll ``/v1/models`` until every id is listed, then ask each model for a 1-token completion.
+
+    Args:
+        base_url: ``http://host:port`` (no ``/v1``).
+        model_ids: ids that must answer.
+        timeout_s: overall deadline in seconds.
+        check: called between polls; raises to abort early (e.g. the deployment failed).
+
+    Raises:
+        TimeoutError: not every model answered within ``timeout_s``; names the models still missing.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = list(model_ids)
+    last_error = "no answer yet"
+    while pending:
+        try:
+            listed = {m["id"] for m in request_json(f"{base_url}/v1/models", timeout=30)["data"]}
+            for model_id in [m for m in pending if m in listed]:
+                payload = {"model": model_id, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+                request_json(f"{base_url}/v1/completions", payload, timeout=120)
+                pending.remove(model_id)
+            last_error = f"not listed yet: {pending}"
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            last_error = str(e)
+        if not pending:
+            return
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base_url}: models {pending} not ready after {timeout_s:.0f} s ({last_error})")
+        time.sleep(2)
+
+
+def _start_ray(cfg: TGConfig, n_models: int) -> bool:
+    """Connect to or start Ray; returns True when this call started it (so it must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+        return True
+    need = math.ceil(required_cpus(n_models, cfg.serve))
+    ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, need), include_dashboard=False)
+    return True
+
+
+def _deploy_failed() -> None:
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is not None and str(app.status) in {"DEPLOY_FAILED", "ApplicationStatus.DEPLOY_FAILED"}:
+        raise RuntimeError(f"serve: application {APP_NAME!r} failed to deploy: {app.message}")
+
+
+@contextlib.contextmanager
+def serving(cfg: TGConfig, models: dict[str, str]) -> Iterator[str]:
+    """Serve ``models`` for the duration of a ``with`` block.
+
+    Starts Ray if needed, deploys the OpenAI app, waits until every model answers, and on exit (also on error or
+    Ctrl-C) shuts Serve down (and Ray, if started here).
+
+    Args:
+        cfg: run config (serve, model and ray sections are read).
+        models: model id -> folder or hub id.
+
+    Yields:
+        The base URL, ``http://host:port`` (append ``/v1/...``).
+
+    Raises:
+        ValueError: no models.
+        TimeoutError: the models did not answer within ``serve.ready_timeout_s``.
+    """
+    if not models:
+        raise ValueError("serve: no models to serve")
+    started_ray = _start_ray(cfg, len(models))
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    base_url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    try:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        app = build_openai_app(build_app_args(models, serve=cfg.serve, model=cfg.model))
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        wait_ready(base_url, list(models), timeout_s=cfg.serve.ready_timeout_s, check=_deploy_failed)
+        yield base_url
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def serve_forever(cfg: TGConfig, *, models: dict[str, str]) -> None:
+    """Serve until Ctrl-C, then shut down cleanly.
+
+    Args:
+        cfg: run config.
+        models: model id -> folder; empty serves :func:`default_models`.
+    """
+    models = models or default_models(cfg)
+    for model_id, source in models.items():
+        if source.startswith(("/", ".", "~")) and not (Path(source).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(f"serve: model {model_id!r}: {source} is not a Hugging Face folder")
+    with serving(cfg, models) as base_url:
+        print(f"serving {', '.join(models)} at {base_url}/v1 (Ctrl-C stops)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("shutting down", flush=True)

@@ -1,0 +1,214 @@
+"""Dataset loaders for the offline task mirrors and ``tgsft_general``.
+
+lm-eval calls these as ``custom_dataset`` (``!function loaders.<name>`` in the task YAMLs next to this file) with
+the task metadata as keyword arguments; ``data_dir`` comes from the TaskManager metadata (``eval.data_dir``).
+lm-eval imports this file by path, so it imports nothing from ``pipeline``.
+
+Each loader reads the ORIGINAL upstream file format and converts rows to the Hugging Face dataset schema the
+standard lm-eval task expects, so the mirror YAMLs can use the standard prompts unchanged.
+
+File discovery: for a task, the first existing file among its candidates under ``<data_dir>/<folder>/`` is used,
+dev/validation before test (``FILES``). A labels file ``<stem>-labels.lst`` beside the data file supplies labels
+(PIQA needs it; WinoGrande uses it when present, else the rows' own ``answer`` field). Every split is exposed as
+``test``; GSM8K also has ``train`` (``train.jsonl`` if present, else the test file) for few-shot examples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FILES", "GENERAL_ITEMS", "arc_row", "find_file", "piqa_row", "read_rows", "truthfulqa_row",
+           "winogrande_row"]
+
+log = logging.getLogger(__name__)
+
+# task -> (folder under data_dir, candidate file names in preference order)
+FILES: dict[str, tuple[str, list[str]]] = {
+    "arc_easy": ("arc", ["ARC-Easy-Dev.jsonl", "ARC-Easy-Test.jsonl"]),
+    "arc_challenge": ("arc", ["ARC-Challenge-Dev.jsonl", "ARC-Challenge-Test.jsonl"]),
+    "piqa": ("piqa", ["valid.jsonl", "tests.jsonl", "test.jsonl"]),
+    "sciq": ("sciq", ["valid.json", "test.json"]),
+    "winogrande": ("winogrande", ["dev.jsonl", "test.jsonl"]),
+    "gsm8k": ("gsm8k", ["test.jsonl"]),
+    "truthfulqa": ("truthfulqa", ["mc_task.json", "data/mc_task.json"]),
+}
+
+
+def find_file(task: str, data_dir: str | Path | None) -> Path:
+    """The upstream file of ``task`` under ``data_dir`` (see the module docstring for the rule).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` unset or no candidate exists; names the task and the paths expected.
+    """
+    folder, names = FILES[task]
+    if not data_dir:
+        raise FileNotFoundError(
+            f"tgsft_{task}: reads upstream files from eval.data_dir (or --data-dir), which is not set; "
+            f"expected {folder}/{names[0]} under it"
+        )
+    base = Path(data_dir).expanduser() / folder
+    for name in names:
+        if (base / name).is_file():
+            return base / name
+    raise FileNotFoundError(f"tgsft_{task}: no data file; expected {' or '.join(str(base / n) for n in names)}")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (``.jsonl``) or a JSON array file (``.json``)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _labels(path: Path, n_rows: int) -> list[str] | None:
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
+    if not labels_path.is_file():
+        return None
+    labels = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
+    if len(labels) != n_rows:
+        raise ValueError(f"{labels_path}: {len(labels)} labels for {n_rows} rows in {path}")
+    return labels
+
+
+# ----------------------------------------------------------------------------- upstream row -> HF row
+
+
+def arc_row(raw: dict) -> dict:
+    """AI2 ARC JSONL row -> ``allenai/ai2_arc`` row."""
+    q = raw["question"]
+    return {
+        "id": raw["id"],
+        "question": q["stem"],
+        "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+        "answerKey": raw["answerKey"],
+    }
+
+
+def piqa_row(raw: dict, label: str) -> dict:
+    """PIQA row + its line of ``*-labels.lst`` -> ``baber/piqa`` row."""
+    return {"goal": raw["goal"], "sol1": raw["sol1"], "sol2": raw["sol2"], "label": int(label)}
+
+
+def winogrande_row(raw: dict, label: str | None) -> dict:
+    """WinoGrande row (+ optional label line) -> ``allenai/winogrande`` row (answer "1" or "2")."""
+    answer = label if label is not None else raw.get("answer")
+    if answer not in ("1", "2"):
+        raise ValueError(f"winogrande row {raw.get('qID')}: no answer (need dev-labels.lst or an 'answer' field)")
+    return {"sentence": raw["sentence"], "option1": raw["option1"], "option2": raw["option2"], "answer": answer}
+
+
+def truthfulqa_row(raw: dict) -> dict:
+    """TruthfulQA ``mc_task.json`` item -> ``truthfulqa/truthful_qa`` multiple_choice row.
+
+    Upstream maps answer text -> 0/1; JSON keeps that order, which puts the true answer(s) first, as lm-eval's
+    ``doc_to_target: 0`` assumes.
+    """
+    row = {"question": raw["question"]}
+    for key in ("mc1_targets", "mc2_targets"):
+        targets = raw[key]
+        row[key] = {"choices": list(targets), "labels": [int(v) for v in targets.values()]}
+    if row["mc1_targets"]["labels"][0] != 1:
+        raise ValueError(f"truthfulqa: first mc1 choice of {raw['question']!r} is not the true one")
+    return row
+
+
+def _dataset(splits: dict[str, list[dict]]):
+    import datasets
+
+    return datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
+
+
+# ----------------------------------------------------------------------------- custom_dataset entry points
+
+
+def arc_easy(data_dir: str | None = None, **_: Any):
+    return _dataset({"test": [arc_row(r) for r in read_rows(find_file("arc_easy", data_dir))]})
+
+
+def arc_challenge(data_dir: str | None = None, **_: Any):
+    return _dataset({"test": [arc_row(r) for r in read_rows(find_file("arc_challenge", data_dir))]})
+
+
+def piqa(data_dir: str | None = None, **_: Any):
+    path = find_file("piqa", data_dir)
+    rows = read_rows(path)
+    labels = _labels(path, len(rows))
+    if labels is None:
+        raise FileNotFoundError(f"tgsft_piqa: {path.with_name(path.stem + '-labels.lst')} is missing (PIQA labels)")
+    return _dataset({"test": [piqa_row(r, lab) for r, lab in zip(rows, labels)]})
+
+
+def sciq(data_dir: str | None = None, **_: Any):
+    keys = ("question", "distractor3", "distractor1", "distractor2", "correct_answer", "support")
+    return _dataset({"test": [{k: r[k] for k in keys} for r in read_rows(find_file("sciq", data_dir))]})
+
+
+def winogrande(data_dir: str | None = None, **_: Any):
+    path = find_file("winogrande", data_dir)
+    rows = read_rows(path)
+    labels = _labels(path, len(rows)) or [None] * len(rows)
+    return _dataset({"test": [winogrande_row(r, lab) for r, lab in zip(rows, labels)]})
+
+
+def gsm8k(data_dir: str | None = None, **_: Any):
+    path = find_file("gsm8k", data_dir)
+    test = [{"question": r["question"], "answer": r["answer"]} for r in read_rows(path)]
+    train_path = path.with_name("train.jsonl")
+    if train_path.is_file():
+        train = [{"question": r["question"], "answer": r["answer"]} for r in read_rows(train_path)]
+    else:
+        log.warning("tgsft_gsm8k: %s missing; few-shot examples come from the test file itself", train_path)
+        train = test
+    return _dataset({"test": test, "train": train})
+
+
+def truthfulqa(data_dir: str | None = None, **_: Any):
+    return _dataset({"test": [truthfulqa_row(r) for r in read_rows(find_file("truthfulqa", data_dir))]})
+
+
+def general(**_: Any):
+    rows = [{"question": q, "choices": list(c), "answer": a} for q, c, a in GENERAL_ITEMS]
+    return _dataset({"test": rows})
+
+
+# ----------------------------------------------------------------------------- tgsft_general items
+
+# (question, choices, index of the correct choice): common knowledge written for this project, no external data.
+GENERAL_ITEMS: list[tuple[str, tuple[str, ...], int]] = [
+    ("What is the capital of France?", ("Berlin", "Paris", "Madrid", "Rome"), 1),
+    ("How many days are there in a week?", ("five", "six", "seven", "eight"), 2),
+    ("What do bees make?", ("honey", "milk", "silk", "wool"), 0),
+    ("Which planet is closest to the Sun?", ("Venus", "Earth", "Mars", "Mercury"), 3),
+    ("What is frozen water called?", ("steam", "ice", "sand", "glass"), 1),
+    ("How many legs does a spider have?", ("four", "six", "eight", "ten"), 2),
+    ("Which gas do plants take in from the air to make food?", ("carbon dioxide", "helium", "neon", "argon"), 0),
+    ("What is the largest ocean on Earth?", ("Atlantic Ocean", "Indian Ocean", "Arctic Ocean", "Pacific Ocean"), 3),
+    ("Which animal is known as the king of the jungle?", ("lion", "rabbit", "sheep", "mouse"), 0),
+    ("What color do you get when you mix blue and yellow?", ("red", "green", "purple", "orange"), 1),
+    ("How many hours are there in a day?", ("twelve", "eighteen", "twenty-four", "thirty"), 2),
+    ("What is the boiling point of water at sea level in degrees Celsius?", ("50", "75", "100", "150"), 2),
+    ("Which organ pumps blood through the human body?", ("lungs", "heart", "liver", "stomach"), 1),
+    ("What is the opposite of hot?", ("cold", "tall", "loud", "fast"), 0),
+    ("Which season comes after winter?", ("autumn", "summer", "spring", "fall"), 2),
+    ("What do you use to write on a blackboard?", ("chalk", "soap", "butter", "paint roller"), 0),
+    ("How many continents are there on Earth?", ("three", "five", "seven", "nine"), 2),
+    ("What is the main language spoken in Brazil?", ("Spanish", "Portuguese", "French", "Italian"), 1),
+    ("Which star gives light and heat to the Earth?", ("the Moon", "Polaris", "the Sun", "Sirius"), 2),
+    ("What is 7 plus 5?", ("10", "11", "12", "13"), 2),
+    ("Which instrument has black and white keys?", ("drum", "piano", "trumpet", "violin"), 1),
+    ("What do caterpillars turn into?", ("butterflies", "spiders", "frogs", "birds"), 0),
+    ("Which of these is a mammal?", ("shark", "eagle", "whale", "lizard"), 2),
+    ("What is the capital of Japan?", ("Beijing", "Seoul", "Bangkok", "Tokyo"), 3),
+    ("Which shape has three sides?", ("square", "triangle", "circle", "hexagon"), 1),
+    ("What do we call a baby dog?", ("kitten", "calf", "puppy", "foal"), 2),
+    ("Which metal is liquid at room temperature?", ("iron", "mercury", "copper", "silver"), 1),
+    ("Who wrote the play Romeo and Juliet?", ("Charles Dickens", "Mark Twain", "William Shakespeare", "Jane Austen"), 2),
+    ("What is the chemical symbol for water?", ("H2O", "CO2", "NaCl", "O3"), 0),
+    ("How many minutes are in an hour?", ("thirty", "sixty", "ninety", "one hundred"), 1),
+    ("Which direction does the Sun rise in?", ("west", "north", "south", "east"), 3),
+    ("What is the tallest animal in the world?", ("elephant", "giraffe", "horse", "camel"), 1),
+]
