@@ -93,9 +93,6 @@ def probe(render: Render, *, special_tokens: Sequence[str] = ()) -> ChatFormat:
     later_user_open = _cut(_cut(render(three, False), _S_ASSISTANT)[1], _S_USER + "2")[0]
 
     user_end = after_user.strip()
-    # after_user ends where the assistant opener starts when rendered together; prefer that shorter form.
-    if assistant_open.strip() and user_end.endswith(assistant_open.strip()):
-        user_end = user_end[: -len(assistant_open.strip())].strip()
     assistant_end = after_answer.strip()
 
     default_system = None

@@ -118,7 +118,9 @@ class FilterConfig(_Section):
 
 class TreeConfig(_Section):
     preset: str | None = Field(
-        None, description="Name of a file in pipeline/presets/ (balance, wide, deep) giving branching and lengths."
+        "balance",
+        description="Name of a file in pipeline/presets/ (balance, wide, deep) giving branching and lengths; "
+        "explicit branching / max_new_tokens override it; null: give both lists.",
     )
     branching: list[int] = Field(
         default_factory=list, description="N_i: children per kept node at layer i (question, answer, ...)."
@@ -143,9 +145,11 @@ class TreeConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not data.get("preset"):
+        if not isinstance(data, dict):
             return data
-        name = data["preset"]
+        name = data.get("preset", cls.model_fields["preset"].default)
+        if not name:
+            return data
         path = PRESET_DIR / f"{name}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -215,6 +219,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warm-up.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
@@ -263,6 +268,9 @@ class EvalConfig(_Section):
         None, ge=0, description="Few-shot examples per item; None: each task's default (0 for most, 5 for gsm8k)."
     )
     num_concurrent: int = Field(4, ge=1, description="Parallel requests to the endpoint.")
+    batch_size: int = Field(
+        8, ge=1, description="lm-eval requests per HTTP call (vLLM batches them; fewer round trips through Serve)."
+    )
     domain: DomainTaskConfig = Field(default_factory=DomainTaskConfig, description="The run's domain task.")
     retention_dialogues: int = Field(
         32, ge=0, description="Held-out TG dialogues (never trained on) for the retention probe; 0 disables it."
@@ -282,7 +290,7 @@ class TGConfig(_Section):
     output_root: str = Field("runs", description="Runs are written to <output_root>/<name>/.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    tree: TreeConfig = Field(default_factory=lambda: TreeConfig(preset="balance"))
+    tree: TreeConfig = Field(default_factory=TreeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
