@@ -151,7 +151,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = shard.iter_batches(batch_size=ds_config["train_micro_batch_size_per_gpu"], batch_format="numpy",
                                  drop_last=True)
     skip = engine.global_steps * grad_accum  # micro-batches consumed before the checkpoint
-    step_acc = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, micro-batches, tokens (this rank, this step)
+    # Loss sum, micro-batches, tokens of the current optimizer step on this rank.
+    step_acc = torch.zeros(3, dtype=torch.float64, device=device)
     run_tokens, t0 = 0, time.monotonic()
     t_log, tok_log = t0, 0
     for i, batch in enumerate(batches):

@@ -3,10 +3,10 @@ the schema lives in :mod:`pipeline.config`.
 
     tgsft model prepare                 # convert the embedded model once
     tgsft config show [CONFIG]          # effective config, defaults filled in
-    tgsft generate CONFIG               # tree generation -> <run>/corpus
-    tgsft train CONFIG                  # mix + SFT -> <run>/model
-    tgsft serve CONFIG                  # OpenAI-compatible endpoint for base and tuned models
-    tgsft eval CONFIG                   # lm-eval against the endpoint -> <run>/eval
+    tgsft generate [CONFIG]             # tree generation -> <run>/corpus
+    tgsft train [CONFIG]                # mix + SFT -> <run>/train/model
+    tgsft serve [CONFIG]                # OpenAI-compatible endpoint for base and tuned models
+    tgsft eval [CONFIG]                 # lm-eval against the endpoint -> <run>/eval
     tgsft report RUN_DIR                # forgetting report from stored eval results
     tgsft run [CONFIG]                  # all of the above, resumable
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _add_config(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    p.add_argument("config", nargs="?" if optional else None, help="YAML config file (see configs/)")
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (see configs/); default: the built-in defaults")
     p.add_argument(
         "-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. -o tree.branching=[2,1,2,1] (repeatable)",
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="configuration utilities").add_subparsers(dest="action", required=True)
     show = cfg.add_parser("show", help="print the effective config with defaults filled in")
-    _add_config(show, optional=True)
+    _add_config(show)
 
     gen = sub.add_parser("generate", help="tree generation: self-decompress the model into a corpus")
     _add_config(gen)
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="output directory (default <run_dir>/report)")
 
     run = sub.add_parser("run", help="generate, mix, train, serve, eval and report in one resumable run")
-    _add_config(run, optional=True)
+    _add_config(run)
     return ap
 
 

@@ -8,7 +8,9 @@ three ways with the model's own template: ``messages[:i]`` with the generation p
 whole dialogue. The assistant span is the text that ``messages[:i+1]`` adds beyond its common prefix with the
 generation-prompt rendering (the assistant content plus its end-of-turn marker; trailing whitespace such as
 ChatML's newline after ``<|im_end|>`` is not part of it). Character spans become token labels through the fast
-tokenizer's offset mapping: a token is trained on iff it starts inside a span. This works for any template whose
+tokenizer's offset mapping: a token is trained on iff it starts inside a span (a token that straddles the span's
+end, possible only when the end-of-turn marker is not one special token, is trained on: emitting the marker needs
+it). This works for any template whose
 rendering of a dialogue prefix is a prefix of the whole rendering (ChatML, Llama-2/3, Mistral, ...); other templates
 raise a ValueError rather than train on the wrong tokens.
 
@@ -186,7 +188,7 @@ def tokenize_batch(
 
     Returns:
         Columns ``input_ids``, ``labels``, ``position_ids``, ``n_examples``, ``n_truncated``, ``n_dropped``,
-        ``n_label_tokens``. Dropped examples are counted on the batch's first output row.
+        ``n_tokens``, ``n_label_tokens``. Dropped examples are counted on the batch's first output row.
     """
     examples, flags, dropped = [], [], 0
     for msgs, text in zip(batch["messages"], batch["text"]):
@@ -217,6 +219,7 @@ def tokenize_batch(
     for n in out["n_examples"]:
         out["n_truncated"].append(sum(flags[i : i + n]))
         i += n
+    out["n_tokens"] = [len(ids) for ids in out["input_ids"]]
     out["n_label_tokens"] = [sum(t != IGNORE_INDEX for t in lab) for lab in out["labels"]]
     out["n_dropped"] = [dropped if j == 0 else 0 for j in range(len(rows))]
     return out

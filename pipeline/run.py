@@ -1,0 +1,79 @@
+"""One command end to end: generate -> dedup -> corpus -> mix -> train -> serve -> eval -> report.
+
+Reads: a config. Writes everything under ``<output_root>/<name>/``: ``config.yaml``, ``corpus/``, ``train/`` (mix,
+checkpoints, exported ``model/``), ``eval/``, ``report/``. Every stage reuses the finished outputs of an earlier
+attempt with the same config and says what it reused, so rerunning after a crash finishes the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from pipeline.config import TGConfig, config_hash
+from pipeline.corpus import atomic_write_text, read_json
+
+__all__ = ["run"]
+
+
+def _eval_stamp(cfg: TGConfig) -> str:
+    """Evaluation results stay valid while everything that shapes the models and the tasks is unchanged."""
+    sections = ("model", "tree", "data", "mix", "train", "eval")
+    return config_hash({s: getattr(cfg, s).model_dump(mode="json") for s in sections})
+
+
+def run(cfg: TGConfig, *, config_path: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the whole pipeline in ``cfg.run_dir`` and return the report.
+
+    Args:
+        cfg: the run config.
+        config_path: the file it came from (recorded in the run directory).
+        log: where progress lines go.
+    """
+    from pipeline.evaluate import evaluate
+    from pipeline.generate import generate
+    from pipeline.model import resolve_model
+    from pipeline.report import write_report
+    from pipeline.runtime import init_ray
+    from pipeline.train import train
+
+    t0 = time.monotonic()
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# effective config of run {cfg.name}" + (f" (from {config_path})" if config_path else "") + "\n"
+    atomic_write_text(run_dir / "config.yaml", header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        log(f"== {name}")
+        start = time.monotonic()
+        out = fn()
+        timings[name] = round(time.monotonic() - start, 1)
+        return out
+
+    corpus = run_dir / "corpus"
+    stage("generate", lambda: generate(cfg, out_dir=corpus, log=log))
+    tuned = stage("train", lambda: train(cfg, corpus_dir=corpus, out_dir=run_dir / "train"))
+
+    eval_dir = run_dir / "eval"
+    stamp = _eval_stamp(cfg)
+    done = read_json(eval_dir / "_SUCCESS")
+    if done and done.get("stamp") == stamp and all((eval_dir / f"{m}.json").is_file() for m in ("base", "tuned")):
+        log(f"== eval: reusing the results in {eval_dir}")
+    else:
+        base = resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)
+        stage("eval", lambda: evaluate(
+            cfg, models={"base": base, "tuned": str(tuned)}, base_url=None, out_dir=eval_dir, corpus_dir=corpus
+        ))
+        atomic_write_text(eval_dir / "_SUCCESS", f'{{"stamp": "{stamp}"}}\n')
+
+    report = stage("report", lambda: write_report(run_dir))
+    md = (run_dir / "report" / "report.md").read_text(encoding="utf-8")
+    log(md)
+    log(f"run {cfg.name} finished in {time.monotonic() - t0:.0f} s ({', '.join(f'{k} {v} s' for k, v in timings.items())})")
+    log(f"files: {run_dir}/ (corpus/, train/model/, eval/, report/report.{{json,md,png}})")
+    return report

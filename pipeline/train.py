@@ -1,0 +1,320 @@
+"""The SFT stage driver: domain data + TG corpus -> mix -> tokens -> Ray Train + DeepSpeed -> a Hugging Face folder.
+
+    tgsft train configs/local.yaml      # -> <run>/train/model, <run>/train/manifest.json
+
+Reads ``data.train`` files (or the built-in domain set, :func:`pipeline.domain.build_domain`) and the TG corpus
+(``<corpus>/dialogues/part-*.parquet``, minus the retention probe's held-out slice). Writes, under ``out_dir``
+(default ``<run>/train``):
+
+- ``mix/part-*.parquet`` + ``mix/manifest.json``: the exact mix (:mod:`pipeline.mix`);
+- ``sft-<hash>/checkpoint_*``: Ray Train checkpoints (DeepSpeed state under ``ds/``; the last one also holds the
+  export under ``hf/``) in ``train.storage_path`` (default ``out_dir``; a local directory or a cloud URI);
+- ``model/``: the exported Hugging Face folder (safetensors, config, tokenizer, chat template), copied from the
+  final checkpoint and renamed into place last;
+- ``manifest.json``: steps, tokens, tokens/s, losses, mix and data statistics, the config hash.
+
+The training stream is every epoch of the mix in its epoch order (``seed + epoch``), tokenized (and packed) on the
+driver (pure Python, thousands of examples per second: enough for TG corpora of a CPU or single-node run), then
+streamed from a Ray Dataset and split evenly over the workers (``ray.train.get_dataset_shard``), so every worker runs
+the same number of steps. A run is named by a hash of the settings that shape the stream and the optimizer state (not ``max_steps``,
+``epochs``, logging or checkpoint cadence), so re-running the same command resumes from the latest checkpoint,
+and raising ``max_steps`` / ``epochs`` continues a finished run. Resuming needs the same ``num_workers``
+(DeepSpeed's ZeRO shards are per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import TGConfig, TrainConfig, config_hash
+from pipeline.corpus import atomic_write_text, read_json
+
+__all__ = ["TOKEN_SCHEMA", "deepspeed_config", "lr_multiplier", "train", "training_stream"]
+
+TOKEN_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("position_ids", pa.list_(pa.int32())),
+        ("n_examples", pa.int32()),
+        ("n_truncated", pa.int32()),
+        ("n_dropped", pa.int32()),
+        ("n_tokens", pa.int32()),
+        ("n_label_tokens", pa.int32()),
+    ]
+)
+_COUNTERS = ("n_examples", "n_truncated", "n_dropped", "n_tokens", "n_label_tokens")
+_CHUNK = 1024  # examples tokenized (and packed) together
+_RUN_FIELDS_IGNORED = {"max_steps", "epochs", "log_every", "checkpoint_every", "max_failures", "storage_path"}
+
+
+def lr_multiplier(
+    step: int, *, total_steps: int, warmup_steps: int, schedule: Literal["cosine", "linear", "constant"]
+) -> float:
+    """LR factor for optimizer step ``step`` (0-based): linear warm-up to 1, then cosine / linear decay or constant.
+
+    Decay reaches 0 one step after the last step, so every step trains.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config for a :class:`TrainConfig` (ZeRO stage, offload, precision, batch sizes, clipping).
+
+    On CPU, bf16 means fp32 weights with bf16 autocast in the worker (DeepSpeed's bf16 mode needs an accelerator)
+    and the optimizer is ``torch.optim.AdamW`` (``torch_adam``): the fused Adam kernel is CUDA-only.
+
+    Raises:
+        ValueError: fp16 without GPUs, or parameter offload below ZeRO-3.
+    """
+    if tc.precision == "fp16" and not tc.use_gpu:
+        raise ValueError("train.precision=fp16 needs GPUs (train.use_gpu=true); use bf16 or fp32 on CPU")
+    if tc.offload_param and tc.zero_stage != 3:
+        raise ValueError(f"train.offload_param needs train.zero_stage=3 (got {tc.zero_stage})")
+    zero: dict[str, Any] = {"stage": tc.zero_stage}
+    if tc.offload_optimizer and tc.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if tc.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    adam: dict[str, Any] = {"lr": tc.lr, "weight_decay": tc.weight_decay, "betas": [0.9, 0.95], "eps": 1e-8}
+    if not tc.use_gpu:
+        adam["torch_adam"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "train_batch_size": tc.micro_batch_size * tc.grad_accum * tc.num_workers,
+        "optimizer": {"type": "AdamW", "params": adam},
+        "zero_optimization": zero,
+        "gradient_clipping": tc.grad_clip,
+        "steps_per_print": 1_000_000_000,  # progress lines come from the worker loop
+        "wall_clock_breakdown": False,
+    }
+    if tc.use_gpu and tc.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif tc.precision == "fp16":
+        cfg["fp16"] = {"enabled": True}
+    return cfg
+
+
+def training_stream(mix: pa.Table, *, epochs: int, seed: int) -> pa.Table:
+    """Every epoch of the mix in its epoch order (:func:`pipeline.mix.epoch_order`), one after the other."""
+    from pipeline.mix import epoch_order
+
+    parts = [mix.take(epoch_order(mix.num_rows, seed=seed, epoch=e)) for e in range(epochs)]
+    return pa.concat_tables(parts).select(["messages", "text"])
+
+
+def _count_tokens(tokenizer: Any) -> Callable[[list[dict] | None, str | None], int]:
+    def count(messages: list[dict] | None, text: str | None) -> int:
+        if messages:
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+        return len(tokenizer(text or "", add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def _domain_files(cfg: TGConfig, log: Callable[[str], None]) -> list[str]:
+    if cfg.data.train:
+        return list(cfg.data.train)
+    from pipeline.domain import build_domain
+
+    train_file, _ = build_domain(cfg.run_dir / "domain")
+    log(f"data.train is empty: using the built-in domain set {train_file}")
+    return [str(train_file)]
+
+
+def _run_hash(cfg: TGConfig, model_path: str) -> str:
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RUN_FIELDS_IGNORED}
+    return config_hash({"model": model_path, "data": cfg.data.model_dump(mode="json"),
+                        "mix": cfg.mix.model_dump(mode="json"), "train": train,
+                        "heldout": cfg.eval.retention_dialogues})
+
+
+def _storage(tc: TrainConfig, out_dir: Path) -> str:
+    path = tc.storage_path or str(out_dir)
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _tokenize(stream: pa.Table, *, tokenizer: Any, tc: TrainConfig) -> tuple[pa.Table, dict[str, int]]:
+    """Token rows of the stream, in order (packs never cross chunks of ``_CHUNK`` examples), and their counts."""
+    from pipeline.tokenization import tokenize_batch
+
+    parts = []
+    for start in range(0, stream.num_rows, _CHUNK):
+        chunk = stream.slice(start, _CHUNK).to_pydict()
+        out = tokenize_batch(tokenizer, chunk, max_seq_len=tc.max_seq_len, packing=tc.packing)
+        parts.append(pa.table(out, schema=TOKEN_SCHEMA))
+    table = pa.concat_tables(parts)
+    counts = {name: int(pc.sum(table.column(name)).as_py() or 0) for name in _COUNTERS}
+    return table, {"rows": table.num_rows, **counts}
+
+
+def _copy_export(checkpoint: Any, model_dir: Path) -> None:
+    """Copy ``hf/`` of the final checkpoint to ``model_dir`` through a temporary sibling and a rename."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    try:
+        with checkpoint.as_directory() as d:
+            src = Path(d) / "hf"
+            if not (src / "config.json").is_file():
+                raise RuntimeError(f"the final checkpoint {checkpoint.path} holds no exported model (hf/)")
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(
+    cfg: TGConfig, *, corpus_dir: Path | None = None, out_dir: Path | None = None, log: Callable[[str], None] = print
+) -> Path:
+    """Mix, tokenize and fine-tune with Ray Train + DeepSpeed; export a Hugging Face folder.
+
+    Args:
+        cfg: the run config (sections data, mix, train, model, eval.retention_dialogues, ray).
+        corpus_dir: TG corpus directory; default ``mix.tg_corpus`` or ``<run>/corpus`` (unused when tg_ratio=0).
+        out_dir: output directory; default ``<run>/train``.
+        log: where progress lines go.
+
+    Returns:
+        The exported model folder (``<out_dir>/model``); an existing export made with the same config is reused.
+
+    Raises:
+        ValueError: bad data (:class:`pipeline.data.DataError`), bad precision / offload settings, or a mix too
+            small for one optimizer step.
+        FileNotFoundError: a data file or the TG corpus is missing.
+    """
+    from pipeline.data import load_examples
+    from pipeline.mix import build_mix, load_tg, write_mix
+    from pipeline.model import resolve_model
+
+    tc = cfg.train
+    out_dir = Path(out_dir or cfg.run_dir / "train")
+    model_dir = out_dir / "model"
+    model_path = resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)
+    run_hash = _run_hash(cfg, model_path)
+    full_hash = config_hash({"run": run_hash, "train": cfg.train.model_dump(mode="json")})
+    done = read_json(out_dir / "manifest.json")
+    if done and (model_dir / "config.json").is_file():
+        if done.get("config_hash") == full_hash:
+            log(f"train: reusing the finished export {model_dir} (config {full_hash}, {done['steps']} steps)")
+            return model_dir
+        log(f"train: {model_dir} was made with another config; training again (it is replaced at the end)")
+    ds_config = deepspeed_config(tc)
+
+    # ---- data and mix (driver, pure)
+    domain = load_examples(_domain_files(cfg, log), fmt=cfg.data.format, bad_rows=cfg.data.bad_rows,
+                           max_examples=cfg.data.max_examples)
+    if domain.skipped:
+        log(f"data: skipped {domain.skipped} malformed row(s); first: {domain.problems[0]}")
+    tg, tg_stats = None, {}
+    if cfg.mix.tg_ratio > 0:
+        corpus = Path(corpus_dir or cfg.mix.tg_corpus or cfg.run_dir / "corpus")
+        tg, tg_stats = load_tg(corpus, retention_dialogues=cfg.eval.retention_dialogues)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    mix, mix_stats = build_mix(domain.examples, tg, tg_ratio=cfg.mix.tg_ratio, by=cfg.mix.by, seed=cfg.mix.seed,
+                               count_tokens=_count_tokens(tokenizer))
+    mix_stats.update(tg_stats)
+    write_mix(mix, mix_stats, out_dir / "mix")
+    log(f"mix: {mix_stats['domain_examples']} domain + {mix_stats['tg_examples']} TG rows "
+        f"(TG share {mix_stats['tg_share_examples']:.2f} of examples) -> {out_dir / 'mix'}")
+
+    # ---- tokens (driver) and the step budget
+    t1 = time.monotonic()
+    stream = training_stream(mix, epochs=tc.epochs, seed=cfg.mix.seed)
+    tokens, tok_stats = _tokenize(stream, tokenizer=tokenizer, tc=tc)
+    per_step = tc.num_workers * tc.micro_batch_size * tc.grad_accum
+    total_steps = tok_stats["rows"] // per_step
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    if total_steps < 1:
+        raise ValueError(f"{tok_stats['rows']} training rows are fewer than one optimizer step needs ({per_step} = "
+                         "num_workers x micro_batch_size x grad_accum); add data or epochs, or shrink the batch")
+    log(f"tokens: {tok_stats['rows']} rows, {tok_stats['n_tokens']} tokens ({tok_stats['n_truncated']} examples "
+        f"truncated to {tc.max_seq_len}, {tok_stats['n_dropped']} dropped with no assistant token left); {total_steps} steps "
+        f"of {per_step} rows ({time.monotonic() - t1:.1f} s)")
+
+    # ---- Ray Train + DeepSpeed; the token rows stream to the workers through Ray Data
+    from pipeline.runtime import init_ray
+
+    ray = init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
+    ds = ray.data.from_arrow(tokens)
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.train_worker import train_loop_per_worker
+
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    loop_config = {
+        "model_path": model_path,
+        "ds_config": ds_config,
+        "total_steps": total_steps,
+        "warmup_steps": int(round(tc.warmup_ratio * total_steps)),
+        "schedule": tc.schedule,
+        "packing": tc.packing,
+        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "checkpoint_every": tc.checkpoint_every,
+        "log_every": tc.log_every,
+        "gradient_checkpointing": tc.gradient_checkpointing,
+        "autocast_bf16": tc.precision == "bf16" and not tc.use_gpu,
+        "use_gpu": tc.use_gpu,
+        "export_dtype": "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
+        "seed": tc.seed,
+    }
+    storage = _storage(tc, out_dir)
+    run_name = f"sft-{run_hash}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+    log(f"train: {tc.num_workers} worker(s), ZeRO-{tc.zero_stage}, {tc.precision}, checkpoints in "
+        f"{storage}/{run_name}")
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    _copy_export(result.checkpoint, model_dir)
+
+    manifest = {
+        "config_hash": full_hash,
+        "run_hash": run_hash,
+        "model_source": model_path,
+        "model": str(model_dir),
+        "checkpoints": f"{storage}/{run_name}",
+        **{k: metrics[k] for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss", "losses",
+                                   "resumed_from_step", "optimizer_step_at_resume", "train_seconds")
+           if k in metrics},
+        "total_steps": total_steps,
+        "data": domain.stats(),
+        "mix": mix_stats,
+        "tokenization": tok_stats,
+        "train": tc.model_dump(mode="json"),
+    }
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    log(f"train: done, {metrics.get('steps')} steps, final loss {metrics.get('final_loss', float('nan')):.4f}, "
+        f"{metrics.get('tokens_per_s', 0):.0f} tokens/s -> {model_dir}")
+    return model_dir

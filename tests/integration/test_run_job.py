@@ -1,0 +1,79 @@
+"""The end-to-end run, submitted with `ray job submit` to a local head started on free loopback ports.
+
+This is the suite's one full pipeline run (generate -> mix -> train -> serve -> eval -> report) on the embedded
+default, reduced in size; `make run` does the full-size one.
+"""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """`ray start --head` bound to 127.0.0.1 with token auth; stopped afterwards."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    subprocess.run(
+        [BIN / "ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=180,
+    )
+    try:
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
+    env, address = head
+    out = tmp_path / "runs"
+    overrides = [
+        f"output_root={out}", "name=job",
+        "tree.branching=[4,1,1,1]", "tree.max_new_tokens=[32,96,32,96]",
+        "data.max_examples=64", "train.max_seq_len=256", "train.epochs=1", "train.micro_batch_size=4",
+        "eval.limit=10", "eval.domain.limit=8", "eval.retention_dialogues=2", f"serve.port={_free_port()}",
+    ]
+    cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+           "tgsft", "run", "configs/local.yaml"] + [a for o in overrides for a in ("-o", o)]
+    t0 = time.monotonic()
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=1500)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in logs.lower(), logs[-4000:]
+    print(f"job finished in {time.monotonic() - t0:.0f} s")
+
+    run_dir = out / "job"
+    corpus = json.loads((run_dir / "corpus" / "manifest.json").read_text())
+    assert corpus["status"] == "complete" and corpus["dialogues"] >= 1
+    assert (run_dir / "train" / "model" / "config.json").is_file()
+    assert list((run_dir / "train" / "model").glob("*.safetensors"))
+    evals = {m: json.loads((run_dir / "eval" / f"{m}.json").read_text()) for m in ("base", "tuned")}
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert (run_dir / "report" / "report.png").stat().st_size > 0
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "tgsft_general" in md and "tgsft_general" in logs  # the report table is printed at the end
+    assert evals["base"] and evals["tuned"] and report
