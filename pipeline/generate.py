@@ -53,6 +53,10 @@ def engine_options(model: ModelConfig, engine: EngineConfig, *, model_len: int |
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
+        # vLLM's CPU runner dies ("CPU Generator does not use offset") when a seeded request's prefill is split over
+        # two steps: it rewinds the request's generator, which only CUDA generators support. Every tgsft request is
+        # seeded, and a level of long prompts overflows one step's token budget, so prompts are never split on CPU.
+        kwargs["enable_chunked_prefill"] = False
     kwargs.update(engine.engine_kwargs)
     return {
         "replicas": engine.replicas,
@@ -94,7 +98,10 @@ def _run_level(rows: list[dict], *, engines: list, batch_size: int, **gen_kwargs
     """Generate every row of a level through Ray Data; returns node id -> outputs."""
     import ray
 
-    table = pa.table({k: [r[k] for r in rows] for k in ("node_id", "group", "seed", "prompt")})
+    # The prompts move from the rows into the Arrow table (then Ray's object store): the driver keeps no copy of
+    # them while the engines work (~150 MB at a 333 k-node level).
+    table = pa.table({**{k: [r[k] for r in rows] for k in ("node_id", "group", "seed")},
+                      "prompt": [r.pop("prompt") for r in rows]})
     ds = ray.data.from_arrow(table).map_batches(
         _route,
         fn_kwargs={"engines": engines, **gen_kwargs},
@@ -102,6 +109,7 @@ def _run_level(rows: list[dict], *, engines: list, batch_size: int, **gen_kwargs
         batch_format="numpy",
         num_cpus=0.25,  # the UDF only waits on engine actors
     )
+    del table
     out: dict[str, dict] = {}
     for part in ray.get(ds.to_arrow_refs()):
         for rec in part.to_pylist():
@@ -142,6 +150,7 @@ def generate(
     out_dir: Path | None = None,
     overwrite: bool = False,
     engines: list | None = None,
+    embedder: Any = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run tree generation (resumable) and return the manifest.
@@ -151,6 +160,8 @@ def generate(
         out_dir: corpus directory (default ``<run_dir>/corpus``).
         overwrite: replace an output directory made with another config.
         engines: running engine actors to use instead of starting a pool (tests share one).
+        embedder: a running embedder actor (``.embed.remote(texts) -> np.ndarray``) for question dedup, used
+            instead of starting one (benchmarks pass a scripted one); the caller owns it.
         log: where progress lines go.
 
     Raises:
@@ -194,7 +205,7 @@ def generate(
 
     init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
     own_engines = engines is None
-    dedup_state = _Dedup(tcfg.dedup)
+    dedup_state = _Dedup(tcfg.dedup, actor=embedder)
     if any(layer.kind == "question" for layer in layers):
         dedup_state.start()
     paths: dict[str, tuple] = {tree.ROOT_ID: ()}
@@ -223,6 +234,7 @@ def generate(
                 atomic_write_text(out_dir / "manifest.json", _dumps(manifest))
                 log(_level_line(layer, stats, len(layers)))
             paths = tree.grow_paths(paths, rows)
+            del rows, done  # only the slim paths go on: a level's full rows must not outlive it (memory at 1 M nodes)
         if engines:
             manifest["engine_metrics"] = _engine_metrics(engines)
     finally:
@@ -268,7 +280,6 @@ def _generate_level(layer: tree.Layer, paths: dict[str, tuple], *, engines, rend
         )
         r.update(out, text=verdict.text, kind=layer.kind, role=_ROLE[layer.kind],
                  status=verdict.status, drop_reason=verdict.drop_reason)
-        del r["prompt"]
     for r, dup in zip(rows, tree.mark_duplicates(rows)):
         if dup:
             r.update(status="dropped", drop_reason=tree.DUPLICATE)
@@ -306,12 +317,19 @@ def _generate_level(layer: tree.Layer, paths: dict[str, tuple], *, engines, rend
 
 
 class _Dedup:
-    """Question dedup across a run: an embedder actor started at first use, and every kept question's embedding."""
+    """Question dedup across a run: an embedder actor started at first use, and every kept question's embedding.
 
-    def __init__(self, dcfg):
+    Embeddings never enter the driver: the embedder's output goes by reference to a dedup task, which returns the
+    keep mask and the kept rows, and the kept rows stay in Ray's object store. At 1 M nodes the kept questions'
+    embeddings alone are ~0.8 GB (500 k x 384 float32), and ``dedup_mask`` concatenates them twice more; in the
+    driver that was most of its peak memory (see benchmarks/README.md).
+    """
+
+    def __init__(self, dcfg, *, actor=None):
         self._cfg = dcfg
-        self._actor = None
-        self._prev: list = []
+        self._actor = actor
+        self._own = actor is None  # an actor passed in belongs to the caller: close() leaves it running
+        self._prev: list = []  # ObjectRefs of (k_i, d) float32 arrays: the kept embeddings of earlier levels
 
     def start(self) -> None:
         """Start the embedder actor without waiting: it loads while the engines start."""
@@ -325,29 +343,19 @@ class _Dedup:
                 embedder_path(self._cfg.embedder), batch_size=self._cfg.batch_size
             )
 
-    def _embed(self, texts: list[str]):
-        import numpy as np
-        import ray
-
-        self.start()
-        if not texts:
-            return np.zeros((0, 1), dtype=np.float32)
-        return ray.get(self._actor.embed.remote(texts))
-
     def apply(self, texts: list[str]) -> list[bool]:
         """Keep mask for this level's candidate questions; kept ones join the memory."""
-        import numpy as np
-
-        from pipeline.dedup import dedup_mask
+        import ray
 
         if not texts:
             return []
-        emb = self._embed(texts)
-        prev = np.concatenate(self._prev) if self._prev else None
+        self.start()
         c = self._cfg
-        keep = dedup_mask(emb, prev, threshold=c.threshold, method=c.method, block_size=c.block_size,
-                          clusters=c.clusters)
-        self._prev.append(emb[keep])
+        # num_cpus=0: like the driver before it, the dedup step must not wait for a CPU the engines have reserved.
+        task = ray.remote(_dedup_task).options(num_cpus=0, num_returns=2, max_retries=3)
+        keep_ref, kept_ref = task.remote(c.model_dump(), self._actor.embed.remote(texts), *self._prev)
+        keep = ray.get(keep_ref)
+        self._prev.append(kept_ref)
         return keep.tolist()
 
     def remember(self, layer: tree.Layer, rows: list[dict]) -> None:
@@ -355,24 +363,43 @@ class _Dedup:
         if layer.kind == "question" and self._cfg.enabled:
             texts = [r["text"] for r in rows if r["status"] == "kept"]
             if texts:
-                self._prev.append(self._embed(texts))
+                self.start()
+                self._prev.append(self._actor.embed.remote(texts))
 
     def close(self) -> None:
-        if self._actor is not None:
+        self._prev = []
+        if self._actor is not None and self._own:
             import ray
 
             ray.kill(self._actor, no_restart=True)
             self._actor = None
 
 
+def _dedup_task(dcfg: dict, emb, *prev):
+    """Ray task: (keep mask, kept rows) of one level's question embeddings against earlier levels' kept rows."""
+    import numpy as np
+
+    from pipeline.dedup import dedup_mask
+
+    keep = dedup_mask(emb, np.concatenate(prev) if prev else None, threshold=dcfg["threshold"],
+                      method=dcfg["method"], block_size=dcfg["block_size"], clusters=dcfg["clusters"])
+    return keep, emb[keep]
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
-def _dialogue_table(paths: dict[str, tuple], *, system: list[dict], mode: str, tree_hash: str) -> pa.Table:
-    rows = []
+def _dialogue_table(paths: dict[str, tuple], *, system: list[dict], mode: str, tree_hash: str,
+                    chunk_rows: int = 50_000) -> pa.Table:
+    """One row per root-to-leaf path. Built ``chunk_rows`` dialogues at a time: the per-row Python dicts are far
+    larger than their Arrow form, and building all of them at once made this the driver's memory peak at 1 M nodes."""
+    chunks, rows = [], []
     for leaf_id, path in paths.items():
         if not path:
             continue
+        if len(rows) == chunk_rows:
+            chunks.append(pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA))
+            rows = []
         sft = mode == "sft"
         rows.append({
             "dialogue_id": leaf_id,
@@ -383,7 +410,8 @@ def _dialogue_table(paths: dict[str, tuple], *, system: list[dict], mode: str, t
             "n_tokens": sum(n["n_tokens"] for n in path),
             "tree": tree_hash,
         })
-    return pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA)
+    chunks.append(pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA))
+    return pa.concat_tables(chunks)
 
 
 _METRICS = ("calls", "start_seconds", "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:prefix_cache_queries",

@@ -92,6 +92,7 @@ def prepare_embedded(*, cache: str | None = None, force: bool = False, log=print
     log(f"converting {gguf.name} -> {target} (about 20 s, once)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}-", dir=target.parent))
+    os.chmod(tmp, 0o755)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)

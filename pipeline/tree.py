@@ -214,12 +214,17 @@ def grow_paths(paths: Mapping[str, tuple], rows: Iterable[dict]) -> dict[str, tu
 
     Returns:
         node id -> path for every kept row whose parent has a path. At the last level these are the dialogues.
+        Path nodes are slim dicts (``node_id, kind, text, n_tokens``, those present in the row), not the rows:
+        paths live for the whole run, and holding full rows kept every field of every kept node in memory.
     """
     return {
-        r["node_id"]: paths[r["parent_id"]] + (r,)
+        r["node_id"]: paths[r["parent_id"]] + ({k: r[k] for k in _PATH_KEYS if k in r},)
         for r in rows
         if r["status"] == "kept" and r["parent_id"] in paths
     }
+
+
+_PATH_KEYS = ("node_id", "kind", "text", "n_tokens")  # what prompts and dialogues read from a path node
 
 
 def path_messages(system: list[dict], path: Sequence[dict]) -> list[dict]:
