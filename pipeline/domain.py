@@ -7,10 +7,10 @@ Each example asks for the person, city and year of one sentence as JSON, e.g. "I
 and ~200 examples teach it. Eval sentences use names, cities and sentence templates that never occur in training,
 so the score measures the skill, not memorised strings. Everything derives from ``seed``.
 
-Scoring (``score_items``) works for any messages-format eval file: the reference is the last assistant message;
+Scoring (``score_items``) works for any chat eval set: the reference is the last assistant message;
 ``exact_match`` compares after whitespace normalisation, ``token_f1`` is SQuAD-style word F1, and when every
 reference is a JSON object ``json_exact`` (parsed-JSON equality) and ``field_acc`` (share of reference fields
-reproduced) are added. Reads: domain eval files. Writes: ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``.
+reproduced) are added. Writes: ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.corpus import atomic_write_text
 
-__all__ = ["INSTRUCTION", "build_domain", "parse_json_object", "read_domain_eval", "score_item", "score_items",
+__all__ = ["INSTRUCTION", "build_domain", "parse_json_object", "score_item", "score_items", "split_reference",
            "token_f1"]
 
 INSTRUCTION = (
@@ -100,24 +100,17 @@ def build_domain(out_dir: Path, *, n_train: int = 240, n_eval: int = 60, seed: i
     return paths
 
 
-def read_domain_eval(path: Path) -> list[tuple[list[dict[str, str]], str]]:
-    """(prompt messages, reference) pairs from a messages-format JSONL or JSON-array file.
-
-    The reference is the last assistant message; the prompt is every message before it.
+def split_reference(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """(prompt, reference) of one eval dialogue: the reference is the last assistant message, the prompt every
+    message before it.
 
     Raises:
-        ValueError: a row without ``messages`` or without an assistant message (names file and row).
+        ValueError: the dialogue has no assistant message.
     """
-    text = Path(path).read_text(encoding="utf-8")
-    rows = json.loads(text) if Path(path).suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
-    items = []
-    for i, row in enumerate(rows):
-        messages = row.get("messages") if isinstance(row, dict) else None
-        last = max((j for j, m in enumerate(messages or []) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            raise ValueError(f"{path}: row {i}: field 'messages' needs at least one assistant message")
-        items.append((messages[:last], messages[last]["content"]))
-    return items
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError(f"domain eval dialogue has no assistant message to score against: {messages!r:.200}")
+    return messages[:last], messages[last]["content"]
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -4,8 +4,8 @@
     tgsft eval CONFIG --base-url http://127.0.0.1:8000 --model base=/m/a --model tuned=/m/b
 
 Reads: the endpoint (``/v1/completions`` for lm-eval and the probe, ``/v1/chat/completions`` for the domain task),
-``eval.data_dir`` for the offline mirrors, the domain eval file (``data.eval``, else the built-in domain written to
-``<run>/domain``) and the TG corpus (``mix.tg_corpus`` or ``<run>/corpus``). Writes ``<out>/<model_id>.json``
+``eval.data_dir`` for the offline mirrors, the domain eval files (``data.eval`` in any ``data.format``, else the
+built-in domain written to ``<run>/domain``) and the TG corpus (``mix.tg_corpus`` or ``<run>/corpus``). Writes ``<out>/<model_id>.json``
 (default ``<run>/eval``), each metric as ``{"value", "stderr", "higher_is_better"}``.
 
 Retention probe: mean NLL per token (and perplexity) of the assistant-content tokens of the base model's held-out
@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.config import TGConfig
 from pipeline.corpus import atomic_write_text, heldout_ids, read_dialogues
-from pipeline.serve import default_models, request_json, serving
+from pipeline.serve import default_models, request_json, serving, wait_ready
 
 __all__ = ["EndpointError", "check_prompt_logprobs", "evaluate", "retention_probe", "run_domain_task", "run_lm_eval"]
 
@@ -50,7 +50,7 @@ def check_prompt_logprobs(base_url: str, model_id: str) -> None:
             "logprobs=1 for loglikelihood tasks (multiple choice) and the retention probe; vLLM-based servers "
             "such as `tgsft serve` do")
     try:
-        out = request_json(f"{base_url}/v1/completions", payload, timeout=120)
+        out = request_json(f"{base_url}/v1/completions", payload=payload, timeout=120)
     except (RuntimeError, OSError) as e:
         raise EndpointError(f"{hint}; the request failed: {e}") from None
     choice = (out.get("choices") or [{}])[0]
@@ -79,7 +79,7 @@ def _metrics(task_result: dict[str, Any], higher: dict[str, bool]) -> dict[str, 
 
 def run_lm_eval(
     *, base_url: str, model_id: str, tokenizer: str, tasks: list[str], data_dir: str | None, limit: int | None,
-    num_fewshot: int | None, num_concurrent: int, max_length: int,
+    num_fewshot: int | None, num_concurrent: int, batch_size: int = 1, max_length: int,
 ) -> dict[str, dict[str, Any]]:
     """Run lm-eval (``local-completions``) on ``tasks`` against one served model.
 
@@ -92,6 +92,7 @@ def run_lm_eval(
         limit: items per task (None = all).
         num_fewshot: shots (None = each task's default).
         num_concurrent: parallel requests.
+        batch_size: lm-eval requests per HTTP call.
         max_length: context length in tokens.
 
     Returns:
@@ -106,12 +107,13 @@ def run_lm_eval(
     from pipeline.tasks import task_manager
 
     manager = task_manager(data_dir=data_dir)
-    built = []
-    for name in tasks:
+    built, output_types = [], set()
+    for name in tasks:  # load once, keeping groups whole, to learn the output types before any request
         loaded = manager.load([name])
         built += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
-        if any(t.OUTPUT_TYPE in _LOGLIKELIHOOD for t in loaded["tasks"].values()):
-            check_prompt_logprobs(base_url, model_id)
+        output_types |= {t.OUTPUT_TYPE for t in loaded["tasks"].values()}
+    if output_types & _LOGLIKELIHOOD:
+        check_prompt_logprobs(base_url, model_id)
     model_args = {
         "model": model_id, "base_url": f"{base_url}/v1/completions", "tokenizer": tokenizer,
         "tokenizer_backend": "huggingface", "num_concurrent": num_concurrent, "max_retries": 3,
@@ -119,7 +121,7 @@ def run_lm_eval(
     }
     res = lm_eval.simple_evaluate(
         model="local-completions", model_args=model_args, tasks=built, task_manager=manager, limit=limit,
-        num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
+        batch_size=batch_size, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
     )
     n_samples = res.get("n-samples", {})
     return {
@@ -135,17 +137,18 @@ def run_lm_eval(
 
 
 def _domain_items(cfg: TGConfig) -> tuple[str, list[tuple[list[dict], str]]]:
-    from pipeline.domain import build_domain, read_domain_eval
+    """(source description, [(prompt messages, reference)]): ``data.eval`` files, else the built-in domain."""
+    from pipeline.data import load_examples
+    from pipeline.domain import build_domain, split_reference
 
-    if cfg.data.eval:
-        paths = [Path(p) for p in cfg.data.eval]
-    else:
-        path = cfg.run_dir / "domain" / "eval.jsonl"
-        if not path.is_file():
-            build_domain(path.parent)
-        paths = [path]
-    items = [item for p in paths for item in read_domain_eval(p)]
-    return ", ".join(map(str, paths)), items[: cfg.eval.domain.limit]
+    paths = [Path(p) for p in cfg.data.eval]
+    if not paths:
+        paths = [cfg.run_dir / "domain" / "eval.jsonl"]
+        if not paths[0].is_file():
+            build_domain(paths[0].parent)
+    examples = load_examples(paths, fmt=cfg.data.format, bad_rows=cfg.data.bad_rows,
+                             max_examples=cfg.eval.domain.limit).examples
+    return ", ".join(map(str, paths)), [split_reference(m) for m in examples]
 
 
 def run_domain_task(
@@ -160,7 +163,8 @@ def run_domain_task(
 
     def generate(messages: list[dict]) -> str:
         payload = {"model": model_id, "messages": messages, "max_tokens": max_new_tokens, "temperature": 0}
-        return request_json(f"{base_url}/v1/chat/completions", payload)["choices"][0]["message"]["content"] or ""
+        out = request_json(f"{base_url}/v1/chat/completions", payload=payload)
+        return out["choices"][0]["message"]["content"] or ""
 
     with ThreadPoolExecutor(max_workers=num_concurrent) as pool:
         predictions = list(pool.map(generate, [messages for messages, _ in items]))
@@ -225,7 +229,8 @@ def retention_probe(
     def nll(item: tuple[list[int], list[bool]]) -> tuple[float, int]:
         ids, mask = item
         payload = {"model": model_id, "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
-        lps = request_json(f"{base_url}/v1/completions", payload)["choices"][0]["logprobs"]["token_logprobs"]
+        out = request_json(f"{base_url}/v1/completions", payload=payload)
+        lps = out["choices"][0]["logprobs"]["token_logprobs"]
         picked = [-lps[i] for i in range(1, len(ids)) if mask[i]]  # position 0 has no logprob
         return sum(picked), len(picked)
 
@@ -256,7 +261,7 @@ def _evaluate_model(cfg: TGConfig, base_url: str, model_id: str, source: str, do
     if ev.tasks:
         result["tasks"] = run_lm_eval(
             base_url=base_url, model_id=model_id, tokenizer=source, tasks=ev.tasks, data_dir=ev.data_dir,
-            limit=ev.limit, num_fewshot=ev.num_fewshot, num_concurrent=ev.num_concurrent,
+            limit=ev.limit, num_fewshot=ev.num_fewshot, num_concurrent=ev.num_concurrent, batch_size=ev.batch_size,
             max_length=cfg.model.max_model_len,
         )
     source_desc, items = domain
@@ -282,7 +287,8 @@ def evaluate(
     Args:
         cfg: run config (eval, data, model, serve sections).
         models: model id -> folder or hub id (also the tokenizer); empty: ``base`` and, if trained, ``tuned``.
-        base_url: a running endpoint serving those ids; None serves them for the duration of the eval.
+        base_url: a running endpoint serving those ids (checked like `serve` does before any request); None
+            serves them for the duration of the eval.
         out_dir: default ``<run>/eval``.
         corpus_dir: TG corpus for the retention probe; default ``mix.tg_corpus`` or ``<run>/corpus``. The probe is
             skipped when the corpus does not exist or ``eval.retention_dialogues`` is 0.
@@ -312,6 +318,8 @@ def evaluate(
         return results
 
     if base_url:
-        return run_all(base_url.rstrip("/").removesuffix("/v1"))
+        base_url = base_url.rstrip("/").removesuffix("/v1")
+        wait_ready(base_url, model_ids=list(models), timeout_s=cfg.serve.ready_timeout_s)
+        return run_all(base_url)
     with serving(cfg, models) as url:
         return run_all(url)

@@ -8,7 +8,7 @@ Reads: model folders (or hub ids). Writes nothing; the app listens on ``serve.ho
 
 CPU accounting (see ServeConfig): each model takes ``cpus_per_replica`` logical CPUs for its engine worker plus
 ``server_cpus`` for its LLMServer replica actor (one placement group), and the ingress takes ``ingress_cpus``. A
-local Ray started here gets at least that many logical CPUs, even on a 2-core machine (they time-share cores).
+local Ray (``pipeline.runtime.init_ray``) has more logical CPUs than cores, so this fits on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -42,7 +43,7 @@ def default_models(cfg: TGConfig, *, log: Callable[[str], None] = print) -> dict
     return models
 
 
-def required_cpus(n_models: int, serve: ServeConfig) -> float:
+def required_cpus(n_models: int, *, serve: ServeConfig) -> float:
     """Logical CPUs the app reserves: per model engine + server actor, plus the ingress."""
     return n_models * (serve.cpus_per_replica + serve.server_cpus) + serve.ingress_cpus
 
@@ -90,10 +91,11 @@ def build_app_args(models: dict[str, str], *, serve: ServeConfig, model: ModelCo
         }
         for model_id, source in models.items()
     ]
-    return {"llm_configs": configs, "ingress_deployment_config": {"ray_actor_options": {"num_cpus": serve.ingress_cpus}}}
+    ingress = {"ray_actor_options": {"num_cpus": serve.ingress_cpus}}
+    return {"llm_configs": configs, "ingress_deployment_config": ingress}
 
 
-def request_json(url: str, payload: dict | None = None, *, timeout: float = 300) -> dict:
+def request_json(url: str, *, payload: dict | None = None, timeout: float = 300) -> dict:
     """GET (no payload) or POST JSON to ``url`` and decode the JSON answer.
 
     Raises:
@@ -110,7 +112,7 @@ def request_json(url: str, payload: dict | None = None, *, timeout: float = 300)
 
 
 def wait_ready(
-    base_url: str, model_ids: list[str], *, timeout_s: float, check: Callable[[], None] | None = None
+    base_url: str, *, model_ids: list[str], timeout_s: float, check: Callable[[], None] | None = None
 ) -> None:
     """Poll ``/v1/models`` until every id is listed, then ask each model for a 1-token completion.
 
@@ -131,7 +133,7 @@ def wait_ready(
             listed = {m["id"] for m in request_json(f"{base_url}/v1/models", timeout=30)["data"]}
             for model_id in [m for m in pending if m in listed]:
                 payload = {"model": model_id, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
-                request_json(f"{base_url}/v1/completions", payload, timeout=120)
+                request_json(f"{base_url}/v1/completions", payload=payload, timeout=120)
                 pending.remove(model_id)
             last_error = f"not listed yet: {pending}"
         except (OSError, RuntimeError, KeyError, ValueError) as e:
@@ -146,16 +148,32 @@ def wait_ready(
 
 
 def _start_ray(cfg: TGConfig, n_models: int) -> bool:
-    """Connect to or start Ray; returns True when this call started it (so it must shut it down)."""
+    """Join or start Ray (``pipeline.runtime.init_ray``); True when this call started it (so it must stop it).
+
+    Raises:
+        ValueError: a local Ray has fewer logical CPUs than the app reserves (it would wait forever).
+    """
     import ray
+
+    from pipeline.runtime import init_ray
 
     if ray.is_initialized():
         return False
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
-        return True
-    need = math.ceil(required_cpus(n_models, cfg.serve))
-    ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, need), include_dashboard=False)
+    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
+    need, have = required_cpus(n_models, serve=cfg.serve), ray.cluster_resources().get("CPU", 0)
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and have < need:
+        ray.shutdown()
+        raise ValueError(f"serve: {n_models} model(s) reserve {need:g} logical CPUs but the local Ray has {have:g}; "
+                         "raise ray.num_cpus or lower serve.cpus_per_replica / server_cpus / ingress_cpus")
+    return True
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
     return True
 
 
@@ -163,7 +181,7 @@ def _deploy_failed() -> None:
     from ray import serve
 
     app = serve.status().applications.get(APP_NAME)
-    if app is not None and str(app.status) in {"DEPLOY_FAILED", "ApplicationStatus.DEPLOY_FAILED"}:
+    if app is not None and app.status == "DEPLOY_FAILED":  # ApplicationStatus is a str enum
         raise RuntimeError(f"serve: application {APP_NAME!r} failed to deploy: {app.message}")
 
 
@@ -188,6 +206,11 @@ def serving(cfg: TGConfig, models: dict[str, str]) -> Iterator[str]:
     if not models:
         raise ValueError("serve: no models to serve")
     started_ray = _start_ray(cfg, len(models))
+    if started_ray and not _port_free(cfg.serve.host, cfg.serve.port):
+        import ray
+
+        ray.shutdown()
+        raise ValueError(f"serve: {cfg.serve.host}:{cfg.serve.port} is already in use; choose another serve.port")
     from ray import serve
     from ray.serve.llm import build_openai_app
 
@@ -196,7 +219,7 @@ def serving(cfg: TGConfig, models: dict[str, str]) -> Iterator[str]:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         app = build_openai_app(build_app_args(models, serve=cfg.serve, model=cfg.model))
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        wait_ready(base_url, list(models), timeout_s=cfg.serve.ready_timeout_s, check=_deploy_failed)
+        wait_ready(base_url, model_ids=list(models), timeout_s=cfg.serve.ready_timeout_s, check=_deploy_failed)
         yield base_url
     finally:
         with contextlib.suppress(Exception):

@@ -126,14 +126,17 @@ def _dataset(splits: dict[str, list[dict]]):
 
 
 def arc_easy(data_dir: str | None = None, **_: Any):
+    """ARC-Easy (Dev, else Test) as ai2_arc rows."""
     return _dataset({"test": [arc_row(r) for r in read_rows(find_file("arc_easy", data_dir))]})
 
 
 def arc_challenge(data_dir: str | None = None, **_: Any):
+    """ARC-Challenge (Dev, else Test) as ai2_arc rows."""
     return _dataset({"test": [arc_row(r) for r in read_rows(find_file("arc_challenge", data_dir))]})
 
 
 def piqa(data_dir: str | None = None, **_: Any):
+    """PIQA rows joined with their labels file."""
     path = find_file("piqa", data_dir)
     rows = read_rows(path)
     labels = _labels(path, len(rows))
@@ -143,11 +146,13 @@ def piqa(data_dir: str | None = None, **_: Any):
 
 
 def sciq(data_dir: str | None = None, **_: Any):
+    """SciQ (valid, else test) rows."""
     keys = ("question", "distractor3", "distractor1", "distractor2", "correct_answer", "support")
     return _dataset({"test": [{k: r[k] for k in keys} for r in read_rows(find_file("sciq", data_dir))]})
 
 
 def winogrande(data_dir: str | None = None, **_: Any):
+    """WinoGrande rows with labels from the labels file or the rows."""
     path = find_file("winogrande", data_dir)
     rows = read_rows(path)
     labels = _labels(path, len(rows)) or [None] * len(rows)
@@ -155,6 +160,7 @@ def winogrande(data_dir: str | None = None, **_: Any):
 
 
 def gsm8k(data_dir: str | None = None, **_: Any):
+    """GSM8K test rows, plus train rows for few-shot examples."""
     path = find_file("gsm8k", data_dir)
     test = [{"question": r["question"], "answer": r["answer"]} for r in read_rows(path)]
     train_path = path.with_name("train.jsonl")
@@ -167,10 +173,12 @@ def gsm8k(data_dir: str | None = None, **_: Any):
 
 
 def truthfulqa(data_dir: str | None = None, **_: Any):
+    """TruthfulQA mc_task.json items as multiple_choice rows."""
     return _dataset({"test": [truthfulqa_row(r) for r in read_rows(find_file("truthfulqa", data_dir))]})
 
 
 def general(**_: Any):
+    """tgsft_general's built-in items."""
     rows = [{"question": q, "choices": list(c), "answer": a} for q, c, a in GENERAL_ITEMS]
     return _dataset({"test": rows})
 
@@ -206,7 +214,8 @@ GENERAL_ITEMS: list[tuple[str, tuple[str, ...], int]] = [
     ("Which shape has three sides?", ("square", "triangle", "circle", "hexagon"), 1),
     ("What do we call a baby dog?", ("kitten", "calf", "puppy", "foal"), 2),
     ("Which metal is liquid at room temperature?", ("iron", "mercury", "copper", "silver"), 1),
-    ("Who wrote the play Romeo and Juliet?", ("Charles Dickens", "Mark Twain", "William Shakespeare", "Jane Austen"), 2),
+    ("Who wrote the play Romeo and Juliet?",
+     ("Charles Dickens", "Mark Twain", "William Shakespeare", "Jane Austen"), 2),
     ("What is the chemical symbol for water?", ("H2O", "CO2", "NaCl", "O3"), 0),
     ("How many minutes are in an hour?", ("thirty", "sixty", "ninety", "one hundred"), 1),
     ("Which direction does the Sun rise in?", ("west", "north", "south", "east"), 3),
