@@ -223,6 +223,12 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warm-up.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    bucket_size: int = Field(
+        50_000_000,
+        ge=1_000_000,
+        description="DeepSpeed reduce / all-gather bucket size in elements. DeepSpeed's default (5e8) preallocates "
+        "~2 GB fp32 buffers per worker, more than a small model needs; larger buckets mean fewer, bigger messages.",
+    )
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
     storage_path: str | None = Field(None, description="Checkpoint storage (dir or cloud URI); default run dir.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may try (-1 = unlimited).")

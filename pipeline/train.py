@@ -86,7 +86,13 @@ def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
         raise ValueError("train.precision=fp16 needs GPUs (train.use_gpu=true); use bf16 or fp32 on CPU")
     if tc.offload_param and tc.zero_stage != 3:
         raise ValueError(f"train.offload_param needs train.zero_stage=3 (got {tc.zero_stage})")
-    zero: dict[str, Any] = {"stage": tc.zero_stage}
+    zero: dict[str, Any] = {
+        "stage": tc.zero_stage,
+        "reduce_bucket_size": tc.bucket_size,
+        "allgather_bucket_size": tc.bucket_size,
+    }
+    if tc.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = tc.bucket_size
     if tc.offload_optimizer and tc.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu"}
     if tc.offload_param:

@@ -31,12 +31,13 @@ def reference(tmp_path_factory, engines):
     return generate(cfg, out_dir=out, engines=engines, log=lambda _: None), out
 
 
-def test_sigkill_of_the_driver_in_level_2_resumes(reference, tmp_path, engines):
+def test_sigkill_of_the_driver_in_level_2_resumes(reference, tmp_path, engines, ray_session):
     ref_manifest, ref_out = reference
     out = tmp_path / "corpus"
     cmd = [sys.executable, "-m", "pipeline.cli", "generate", "--out", str(out), "-o", f"output_root={tmp_path}"]
     cmd += [a for o in OVERRIDES for a in ("-o", o)]
-    env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray, like a user's driver
+    # The driver joins the session's cluster (as under `ray job submit`): killing it kills its engine actors too.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     level1 = out / "nodes" / "level=01" / "_SUCCESS"

@@ -38,9 +38,13 @@ def head():
     }
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # Free ports for the agents too: the session's own Ray may hold their defaults.
+    agents = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+              f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
     subprocess.run(
         [BIN / "ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats",
+         *agents],
         env=env, check=True, capture_output=True, timeout=180,
     )
     try:
