@@ -80,4 +80,13 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     assert (run_dir / "report" / "report.png").stat().st_size > 0
     md = (run_dir / "report" / "report.md").read_text()
     assert "tgsft_general" in md and "tgsft_general" in logs  # the report table is printed at the end
-    assert evals["base"] and evals["tuned"] and report
+    # The report carries the eval numbers, and the tuned model learned the domain (base: 0 exact JSON).
+    acc = {(r["task"], r["metric"]): r for r in report["rows"]}
+    general = acc[("tgsft_general", "acc")]
+    assert general["base"]["value"] == evals["base"]["tasks"]["tgsft_general"]["metrics"]["acc"]["value"]
+    assert general["variants"]["tuned"]["value"] == evals["tuned"]["tasks"]["tgsft_general"]["metrics"]["acc"]["value"]
+    assert 0 <= general["base"]["value"] <= 1 and general["base"]["stderr"] > 0
+    domain_base = evals["base"]["domain"]["metrics"]["field_acc"]["value"]
+    domain_tuned = evals["tuned"]["domain"]["metrics"]["field_acc"]["value"]
+    assert domain_tuned > domain_base, (domain_base, domain_tuned)
+    assert evals["tuned"]["retention"]["n_dialogues"] == 2
