@@ -30,5 +30,8 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, dashboa
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = num_cpus or max(_MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, dashboard_host=dashboard_host, include_dashboard=False, log_to_driver=True)
+        # address="local": always a new single-node Ray, even when a `ray start` cluster runs on this machine
+        # (joining that one is an explicit choice: ray.address="auto").
+        ray.init(address="local", num_cpus=cpus, dashboard_host=dashboard_host, include_dashboard=False,
+                 log_to_driver=True)
     return ray

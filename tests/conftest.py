@@ -32,7 +32,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,7 @@ default, reduced in size; `make run` does the full-size one.
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head():
-    """`ray start --head` bound to 127.0.0.1 with token auth; stopped afterwards."""
+    """`ray start --head --block` on free loopback ports with token auth, in its own process group.
+
+    Stopped by killing that group only: `ray stop` would kill every Ray process on the machine, including the
+    session's own cluster.
+    """
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -41,16 +46,30 @@ def head():
     # Free ports for the agents too: the session's own Ray may hold their defaults.
     agents = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
               f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
-    subprocess.run(
-        [BIN / "ray", "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+    proc = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats",
          *agents],
-        env=env, check=True, capture_output=True, timeout=180,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield env, f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, "ray start --head exited"
+            status = subprocess.run([BIN / "ray", "job", "list", "--address", address], env=env,
+                                    capture_output=True, timeout=120)
+            if status.returncode == 0:
+                break
+            assert time.monotonic() < deadline, status.stderr.decode()[-2000:]
+            time.sleep(2)
+        yield env, address
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
