@@ -77,7 +77,7 @@ def child(nodes: int, out_json: Path, replicas: int) -> None:
     prepare_embedded(log=lambda *_: None)  # the tokenizer and chat template are real; only the engine is scripted
     # Other jobs fill this shared machine's memory; Ray's memory monitor would kill the scripted actors.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     engines = start_engines("scripted", replicas=replicas, num_cpus=0.5, num_gpus=0, engine_kwargs={},
                             engine_cls=ScriptedEngine)
     embedder = ray.remote(ScriptedEmbedder).options(num_cpus=0.5).remote(EMBED_DIM)

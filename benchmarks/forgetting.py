@@ -1,0 +1,441 @@
+"""Forgetting experiment: does mixing a TG corpus into domain SFT keep the general knowledge of the model?
+
+    nice -n 10 .venv/bin/python benchmarks/forgetting.py --shared-data ../shared/data > /tmp/forgetting.log 2>&1
+    .venv/bin/python benchmarks/forgetting.py --eval-only --eval-data-dir /other/eval --tag heldout   # re-score
+
+Arms, all with the same domain budget (the same Code Alpaca examples and epochs):
+
+- ``base``: SmolLM2-135M-Instruct, no training;
+- ``domain``: domain SFT only;
+- ``tg_balance`` / ``tg_wide``: domain + a TG corpus the model wrote itself (Balance-Tree / Wide-Tree shapes);
+- ``replay_gsm8k``: domain + the same number of extra tokens of GSM8K train Q/A dialogues (human-written, not
+  self-generated, and not evaluated): separates "TG preserved knowledge" from "any extra, non-domain training
+  helps" (e.g. by healing the 4-bit quantization noise of the embedded model, FINDINGS.md #2).
+
+Stages are the project's own: ``pipeline.generate`` (one corpus per tree shape, shared by arms and by the retention
+probe), ``pipeline.train`` (Ray Train + DeepSpeed), ``pipeline.serve`` + ``pipeline.evaluate`` (Ray Serve LLM + lm-eval
+on the offline mirrors, the domain task and the retention probe). The general tasks read ``--eval-data-dir``
+(default ``<shared-data>/eval``), so other splits in the same upstream formats are scored without code changes.
+
+Extra measurements beside ``evaluate``: the domain NLL (mean NLL per assistant token of held-out Code Alpaca
+examples, the retention probe's code on domain dialogues) and the retention probe on the Wide-Tree corpus too.
+
+Everything is written under ``--work-dir`` (default /tmp/tgsft-forgetting): ``data/``, ``corpus_<preset>/``,
+``arms/<arm>/train/model`` and ``arms/<arm>/result-<tag>.json``. Each step is skipped when its output exists, so a
+crash only redoes the unfinished arm. The summary goes to ``benchmarks/results/<name>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIG = Path(__file__).resolve().parent / "forgetting" / "forgetting.yaml"
+ARMS = ["base", "domain", "tg_balance", "replay_gsm8k", "tg_wide"]  # in run order: cheapest answers first
+CORPUS_OF = {"tg_balance": "corpus_balance", "tg_wide": "corpus_wide", "replay_gsm8k": "corpus_replay_gsm8k"}
+# Both shapes get the same generation budget, 6r nodes: balance r + r + 2r + 2r (2r dialogues), wide 4 x 1.5r
+# (1.5r dialogues, each with its own opening question).
+PRESETS = {"balance": lambda r: [r, 1, 2, 1], "wide": lambda r: [3 * r // 2, 1, 1, 1]}
+TASKS = ["tgsft_arc_easy", "tgsft_arc_challenge", "tgsft_piqa", "tgsft_sciq", "tgsft_winogrande"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_domain(shared: Path, work: Path, *, n_train: int, n_heldout: int, seed: int = 0) -> tuple[Path, Path]:
+    """Code Alpaca 2k, shuffled with ``seed``: the first ``n_heldout`` rows are held out, the next ``n_train`` train.
+
+    Both files keep the upstream Alpaca format, so the stage's own loader converts them.
+    """
+    src = shared / "sft" / "code_alpaca" / "code_alpaca_2k.json"
+    rows = json.loads(src.read_text(encoding="utf-8"))
+    random.Random(seed).shuffle(rows)
+    if n_heldout + n_train > len(rows):
+        raise ValueError(f"{src} has {len(rows)} rows; {n_heldout} held out + {n_train} train do not fit")
+    out = work / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    heldout, train = out / f"code_alpaca_heldout{n_heldout}.json", out / f"code_alpaca_train{n_train}.json"
+    heldout.write_text(json.dumps(rows[:n_heldout], indent=1))
+    train.write_text(json.dumps(rows[n_heldout:n_heldout + n_train], indent=1))
+    return train, heldout
+
+
+def prepare_replay(shared: Path, work: Path, *, n: int, seed: int = 0) -> Path:
+    """GSM8K train questions and worked answers as one-turn dialogues, written in the TG corpus layout.
+
+    Calculator annotations ``<<48/2=24>>`` are removed and ``#### 72`` becomes "The answer is 72."
+    """
+    import pyarrow as pa
+
+    from pipeline.corpus import DIALOGUE_SCHEMA, write_table
+
+    out = work / CORPUS_OF["replay_gsm8k"]
+    if (out / "dialogues").is_dir():
+        return out
+    src = shared / "eval" / "gsm8k" / "train.jsonl"
+    items = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    random.Random(seed).shuffle(items)
+    rows = []
+    for i, item in enumerate(items[:n]):
+        answer = re.sub(r"<<[^>]*>>", "", item["answer"])
+        answer = re.sub(r"\n?#### *(.+)$", r"\nThe answer is \1.", answer.strip())
+        messages = [{"role": "user", "content": item["question"].strip()}, {"role": "assistant", "content": answer}]
+        rows.append({"dialogue_id": f"gsm8k-{i:05d}", "messages": messages, "text": None, "node_ids": [],
+                     "n_turns": 1, "n_tokens": 0, "tree": "gsm8k-train"})
+    write_table(pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA), out / "dialogues", shard_rows=100_000)
+    return out
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def arm_config(args, arm: str, *, train_file: Path, heldout_file: Path, port: int = 8000):
+    from pipeline.config import load_config
+
+    overrides = [
+        f"name={arm}", f"output_root={args.work_dir / 'arms'}",
+        f"data.train={json.dumps([str(train_file)])}", f"data.eval={json.dumps([str(heldout_file)])}",
+        f"eval.data_dir={args.eval_data_dir}", f"eval.tasks={json.dumps(args.tasks)}", f"serve.port={port}",
+    ]
+    if args.limit:
+        overrides.append(f"eval.limit={args.limit}")
+    if arm in CORPUS_OF:
+        overrides.append(f"mix.tg_corpus={args.work_dir / CORPUS_OF[arm]}")
+    else:
+        overrides.append("mix.tg_ratio=0")
+    return load_config(args.config, overrides=overrides + list(args.set))
+
+
+def corpus_config(args, preset: str):
+    from pipeline.config import load_config
+
+    branching = PRESETS[preset](args.roots)
+    return load_config(args.config, overrides=[f"name=corpus_{preset}", f"output_root={args.work_dir}",
+                                               f"tree.preset={preset}", f"tree.branching={branching}"]
+                       + list(args.gen_set))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- stages per arm
+
+
+def make_corpus(args, preset: str) -> Path:
+    """Generate (or reuse) the TG corpus of one tree shape with ``pipeline.generate``."""
+    from pipeline.generate import generate
+
+    out, t0 = args.work_dir / f"corpus_{preset}", time.monotonic()
+    generate(corpus_config(args, preset), out_dir=out, log=log)
+    log(f"corpus_{preset}: ready ({time.monotonic() - t0:.0f} s)")
+    return out
+
+
+def run_train(args, arm: str, files: tuple[Path, Path]) -> Path:
+    from pipeline.model import resolve_model
+    from pipeline.train import train
+
+    if arm == "base":
+        cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
+        return Path(resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log))
+    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
+    t0 = time.monotonic()
+    model = train(cfg, corpus_dir=Path(cfg.mix.tg_corpus) if cfg.mix.tg_corpus else None, log=log)
+    log(f"{arm}: model {model} ({time.monotonic() - t0:.0f} s)")
+    return model
+
+
+def run_eval(args, arm: str, model: Path, files: tuple[Path, Path]) -> dict:
+    """Serve one arm's model, run ``pipeline.evaluate`` plus the domain NLL and the Wide-Tree retention probe."""
+    from pipeline.data import load_examples
+    from pipeline.evaluate import _heldout_dialogues, evaluate, retention_probe
+    from pipeline.serve import serving
+
+    out = args.work_dir / "arms" / arm / f"result-{args.tag}.json"
+    if out.is_file() and not args.force_eval:
+        stored = json.loads(out.read_text())
+        ev = stored.get("eval_config", {})
+        if ev.get("limit") == args.limit and ev.get("tasks") == args.tasks and ev.get("data_dir") == str(
+                args.eval_data_dir):
+            log(f"{arm}: reusing {out}")
+            return stored
+        log(f"{arm}: {out} was scored with other eval settings; scoring again")
+    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1], port=_free_port())
+    domain_rows = [{"dialogue_id": f"heldout-{i:04d}", "messages": m}
+                   for i, m in enumerate(load_examples([files[1]], fmt="auto").examples)]
+    probes = {name: args.work_dir / f"corpus_{name}" for name in PRESETS}
+    t0 = time.monotonic()
+    with serving(cfg, {arm: str(model)}) as url:
+        log(f"{arm}: serving at {url} ({time.monotonic() - t0:.0f} s)")
+        result = evaluate(cfg, models={arm: str(model)}, base_url=url, out_dir=cfg.run_dir / f"eval-{args.tag}",
+                          corpus_dir=probes["balance"])[arm]
+
+        def probe(dialogues: list[dict]) -> dict:
+            return retention_probe(base_url=url, model_id=arm, tokenizer=str(model), dialogues=dialogues,
+                                   max_len=cfg.model.max_model_len, num_concurrent=cfg.eval.num_concurrent)
+
+        result["domain_nll"] = probe(domain_rows)
+        if (probes["wide"] / "dialogues").is_dir():
+            result["retention_wide"] = probe(_heldout_dialogues(probes["wide"], cfg.eval.retention_dialogues))
+    result["eval_seconds_total"] = round(time.monotonic() - t0, 1)
+    manifest = cfg.run_dir / "train" / "manifest.json"
+    if arm != "base" and manifest.is_file():
+        m = json.loads(manifest.read_text())
+        result["train"] = {k: m.get(k) for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss",
+                                                 "train_seconds", "mix", "tokenization", "train")}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"{arm}: eval done in {result['eval_seconds_total']:.0f} s -> {out}")
+    return result
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _m(value: float | None, se: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{value:.{digits}f}"
+
+
+def summarize(results: dict[str, dict], *, tasks: list[str]) -> dict:
+    """Per arm: acc ± stderr per task, the task mean, domain metrics and probes; deltas against base and domain."""
+    arms = {}
+    for arm, r in results.items():
+        row: dict = {"tasks": {}}
+        for task in tasks:
+            met = r.get("tasks", {}).get(task, {}).get("metrics", {}).get("acc")
+            if met:
+                row["tasks"][task] = {"value": met["value"], "stderr": met["stderr"],
+                                      "n": r["tasks"][task].get("n")}
+        if len(row["tasks"]) == len(tasks):
+            vals = [row["tasks"][t]["value"] for t in tasks]
+            ses = [row["tasks"][t]["stderr"] or 0.0 for t in tasks]
+            row["mean_acc"] = {"value": sum(vals) / len(vals), "stderr": math.sqrt(sum(s * s for s in ses)) / len(ses)}
+        if "domain_nll" in r:
+            row["domain_nll"] = r["domain_nll"]["metrics"]["nll"]
+        if "domain" in r:
+            row["domain_token_f1"] = r["domain"]["metrics"].get("token_f1")
+            row["domain_items"] = r["domain"].get("n")
+        if "retention" in r:
+            row["retention_nll_balance"] = r["retention"]["metrics"]["nll"]
+        if "retention_wide" in r:
+            row["retention_nll_wide"] = r["retention_wide"]["metrics"]["nll"]
+        if "train" in r:
+            t = r["train"]
+            row["train"] = {"steps": t.get("steps"), "tokens": t.get("tokens"), "final_loss": t.get("final_loss"),
+                            "train_seconds": t.get("train_seconds"), "tokens_per_s": t.get("tokens_per_s"),
+                            "domain_examples": (t.get("mix") or {}).get("domain_examples"),
+                            "extra_examples": (t.get("mix") or {}).get("tg_examples"),
+                            "extra_token_share": (t.get("mix") or {}).get("tg_share_tokens")}
+        arms[arm] = row
+    for ref in ("base", "domain"):
+        if "mean_acc" not in arms.get(ref, {}):
+            continue
+        b = arms[ref]["mean_acc"]
+        for arm, row in arms.items():
+            if arm != ref and "mean_acc" in row:
+                row[f"mean_acc_delta_vs_{ref}"] = {
+                    "value": row["mean_acc"]["value"] - b["value"],
+                    "stderr": math.hypot(row["mean_acc"]["stderr"], b["stderr"])}  # independent-sample bound
+    return arms
+
+
+def write_outputs(args, results: dict[str, dict], setup: dict) -> None:
+    from common import RESULTS, machine
+
+    RESULTS = args.results_dir or RESULTS
+    tasks = args.tasks
+    arms = summarize(results, tasks=tasks)
+    missing = [a for a in args.arms if a not in results]
+    status = "complete" if not missing else f"partial (missing arms: {', '.join(missing)})"
+    name = args.name
+    data = {"status": status, "setup": setup, "arms": arms, "machine": machine(),
+            "eval_data_dir": str(args.eval_data_dir), "tag": args.tag}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    order = [a for a in args.arms if a in arms]
+    short = {t: t.removeprefix("tgsft_") for t in tasks}
+    lines = [f"# Forgetting experiment ({status})", "",
+             f"Eval data: `{args.eval_data_dir}` (tag `{args.tag}`), {args.limit or 'all'} items per task, 0-shot acc "
+             "± stderr. Domain NLL / retention NLL: mean NLL per assistant token (lower is better) ± stderr over "
+             "dialogues.", "",
+             "| task | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+    for t in tasks:
+        lines.append(f"| {short[t]} | " + " | ".join(_m(*_vs(arms[a]["tasks"].get(t))) for a in order) + " |")
+    n_domain = next((arms[a]["domain_items"] for a in order if arms[a].get("domain_items")), "?")
+    n_nll = args.domain_heldout
+    for key, label in [("mean_acc", "**mean acc (5 tasks)**"), ("mean_acc_delta_vs_base", "Δ mean vs base"),
+                       ("mean_acc_delta_vs_domain", "Δ mean vs domain-only"),
+                       ("domain_nll", f"domain NLL ({n_nll} held-out Code Alpaca)"),
+                       ("domain_token_f1", f"domain token F1 (greedy, {n_domain} items)"),
+                       ("retention_nll_balance", "retention NLL (balance-tree held-out)"),
+                       ("retention_nll_wide", "retention NLL (wide-tree held-out)")]:
+        lines.append(f"| {label} | " + " | ".join(_m(*_vs(arms[a].get(key))) for a in order) + " |")
+    lines += ["", "| arm | steps | tokens | final loss | train s | domain ex. | extra ex. | extra token share |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in order:
+        t = arms[a].get("train")
+        if t:
+            lines.append(f"| {a} | {t['steps']} | {t['tokens']} | {(t['final_loss'] or 0):.3f} | "
+                         f"{(t['train_seconds'] or 0):.0f} | {t['domain_examples']} | {t['extra_examples']} | "
+                         f"{(t['extra_token_share'] or 0):.2f} |")
+    lines += ["", "Setup: `" + json.dumps(setup) + "`", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    _plot(arms, order, tasks, short, RESULTS / f"{name}.png", title=f"Forgetting experiment ({status})")
+    log(f"wrote {RESULTS / name}.{{json,md,png}} ({status})")
+
+
+def _vs(m: dict | None) -> tuple:
+    return (None, None) if not m else (m["value"], m.get("stderr"))
+
+
+def _plot(arms: dict, order: list[str], tasks: list[str], short: dict, path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1.4]})
+    cols = tasks + ["mean_acc"]
+    width = 0.8 / max(1, len(order))
+    for i, a in enumerate(order):
+        vals = [_vs(arms[a]["tasks"].get(t) if t != "mean_acc" else arms[a].get("mean_acc")) for t in cols]
+        xs = [j + i * width for j in range(len(cols))]
+        ax1.bar(xs, [v or 0 for v, _ in vals], width, yerr=[s or 0 for _, s in vals], capsize=2, label=a)
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], [short.get(c, "mean") for c in cols])
+    ax1.set_ylabel("0-shot accuracy (± stderr)")
+    ax1.legend(fontsize=8)
+    ax1.set_title("general tasks")
+    keys = [("domain_nll", "domain NLL"), ("retention_nll_balance", "ret. NLL bal."),
+            ("retention_nll_wide", "ret. NLL wide")]
+    for i, a in enumerate(order):
+        vals = [_vs(arms[a].get(k)) for k, _ in keys]
+        xs = [j + i * width for j in range(len(keys))]
+        ax2.bar(xs, [v or 0 for v, _ in vals], width, yerr=[s or 0 for _, s in vals], capsize=2, label=a)
+    ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [label for _, label in keys])
+    ax2.set_ylabel("NLL per token (lower is better)")
+    ax2.set_title("domain and retention")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shared-data", type=Path, default=REPO.parent / "shared" / "data",
+                   help="folder with sft/code_alpaca and eval/gsm8k (default ../shared/data beside the repo)")
+    p.add_argument("--eval-data-dir", type=Path, default=None,
+                   help="upstream-format eval files for the mirrors (default <shared-data>/eval)")
+    p.add_argument("--tag", default=None, help="names this scoring (result-<tag>.json); default 'dev' or the dir name")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/tgsft-forgetting"))
+    p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    p.add_argument("--tasks", nargs="+", default=TASKS)
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: the config's eval.limit)")
+    p.add_argument("--domain-train", type=int, default=120, help="Code Alpaca training examples")
+    p.add_argument("--domain-heldout", type=int, default=200, help="held-out Code Alpaca examples (domain metrics)")
+    p.add_argument("--replay-rows", type=int, default=400, help="GSM8K dialogues in the replay corpus")
+    p.add_argument("--roots", type=int, default=48,
+                   help="first-layer width r: balance [r,1,2,1], wide [1.5r,1,1,1] (the same node budget)")
+    p.add_argument("--set", action="append", default=[], help="config override for every arm, key.path=value")
+    p.add_argument("--gen-set", action="append", default=[], help="config override for corpus generation")
+    p.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS),
+                   help="TG corpora to generate (they also feed the retention probes); TG arms need theirs")
+    p.add_argument("--eval-only", action="store_true", help="score existing arms' models; never train or generate")
+    p.add_argument("--train-only", action="store_true", help="generate and train, do not evaluate")
+    p.add_argument("--summary-only", action="store_true",
+                   help="rewrite the summary from the stored result-<tag>.json files (no Ray, nothing run)")
+    p.add_argument("--force-eval", action="store_true", help="re-score even when result-<tag>.json exists")
+    p.add_argument("--results-dir", type=Path, default=None, help="summary folder (default benchmarks/results)")
+    p.add_argument("--name", default=None, help="result file stem (default forgetting, or forgetting_<tag>)")
+    args = p.parse_args(argv)
+    args.shared_data = args.shared_data.resolve()
+    args.eval_data_dir = (args.eval_data_dir or args.shared_data / "eval").resolve()
+    default_eval = args.eval_data_dir == (args.shared_data / "eval").resolve()
+    args.tag = args.tag or ("dev" if default_eval else args.eval_data_dir.name)
+    args.name = args.name or ("forgetting" if args.tag == "dev" else f"forgetting_{args.tag}")
+    args.work_dir = args.work_dir.resolve()
+    if args.limit is None:
+        from pipeline.config import load_config
+
+        args.limit = load_config(args.config).eval.limit
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipeline.runtime import init_ray
+
+    t0 = time.monotonic()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    files = prepare_domain(args.shared_data, args.work_dir, n_train=args.domain_train, n_heldout=args.domain_heldout)
+    setup = {"domain_train": args.domain_train, "domain_heldout": args.domain_heldout, "roots": args.roots,
+             "replay_rows": args.replay_rows, "limit": args.limit, "tasks": args.tasks, "overrides": args.set,
+             "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+             "train": arm_config(args, "domain", train_file=files[0], heldout_file=files[1]).train.model_dump(
+                 mode="json")}
+    if args.summary_only:
+        stored = {arm: args.work_dir / "arms" / arm / f"result-{args.tag}.json" for arm in args.arms}
+        write_outputs(args, {a: json.loads(p.read_text()) for a, p in stored.items() if p.is_file()}, setup)
+        return 0
+    init_ray()  # one local Ray for every stage, so serving() does not stop it between arms
+    if not args.eval_only:
+        # The balance corpus also feeds the retention probe of every arm, so it comes first; the wide corpus is
+        # made just before its arm (on a busy machine the cheaper arms finish first).
+        if "balance" in args.presets:
+            make_corpus(args, "balance")
+        if "replay_gsm8k" in args.arms:
+            prepare_replay(args.shared_data, args.work_dir, n=args.replay_rows)
+
+    results: dict[str, dict] = {}
+    for arm in args.arms:
+        model = args.work_dir / "arms" / arm / "train" / "model"
+        if arm == "base" or not args.eval_only:
+            if arm == "tg_wide" and "wide" in args.presets:
+                make_corpus(args, "wide")
+            model = run_train(args, arm, files)
+        elif not (model / "config.json").is_file():
+            log(f"{arm}: no trained model at {model}; skipped (--eval-only)")
+            continue
+        if args.train_only:
+            continue
+        try:
+            results[arm] = run_eval(args, arm, model, files)
+        except Exception as e:  # one arm's failed eval must not lose the others
+            log(f"{arm}: eval FAILED: {type(e).__name__}: {e}")
+            continue
+        write_outputs(args, results, setup)  # after every arm, so a partial run still leaves a summary
+    log(f"done in {(time.monotonic() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
