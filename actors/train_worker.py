@@ -18,6 +18,7 @@ Checkpoint layout (every rank writes its own files into its own temporary direct
 from __future__ import annotations
 
 import json
+import resource
 import tempfile
 import time
 from functools import partial
@@ -187,6 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         final = step >= total
         if final or (config["checkpoint_every"] and step % config["checkpoint_every"] == 0):
             seconds = time.monotonic() - t0
+            peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # ru_maxrss is in KiB on Linux
             metrics = {
                 "step": step,
                 "loss": loss_avg,
@@ -199,6 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "losses": state["losses"],
                 "resumed_from_step": resumed_from,
                 "optimizer_step_at_resume": opt_step_at_resume,
+                "peak_rss_gib": round(peak.item(), 3),  # the largest worker process's peak resident memory
             }
             export = None
             if final:

@@ -14,6 +14,7 @@ the schema lives in :mod:`pipeline.config`.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -84,9 +85,18 @@ def _models(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _os_error(e: OSError) -> str:
+    """``path: reason`` for errors the OS raised; the message itself for the project's own."""
+    if e.strerror and e.filename:
+        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        return f"{e.filename}: {e.strerror}{hint}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipeline.config import ConfigError, load_config
+    from pipeline.serve import ServeError
 
     try:
         if args.command == "model":
@@ -139,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tgsft: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, ValueError) as e:
+    except OSError as e:  # missing files, permissions, a full disk, a timed-out endpoint
+        print(f"tgsft: error: {_os_error(e)}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # bad data (file, row, field), bad settings found at run time, endpoint limits
+        print(f"tgsft: error: {e}", file=sys.stderr)
+        return 1
+    except ServeError as e:
         print(f"tgsft: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

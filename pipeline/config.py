@@ -56,6 +56,13 @@ class ModelConfig(_Section):
     max_model_len: int = Field(2048, ge=64, description="Context length (tokens) for engines and training.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
 
+    @field_validator("source")
+    @classmethod
+    def _existing_folder(cls, v: str) -> str:
+        if v.startswith(("/", ".", "~")) and not (Path(v).expanduser() / "config.json").is_file():
+            raise ValueError(f"{v} is not a Hugging Face model folder (no config.json there)")
+        return v
+
 
 class EngineConfig(_Section):
     replicas: int = Field(1, ge=1, description="vLLM engine actors for tree generation; each starts once per run.")

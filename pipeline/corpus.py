@@ -29,6 +29,7 @@ __all__ = [
     "DIALOGUE_SCHEMA",
     "MESSAGE_TYPE",
     "NODE_SCHEMA",
+    "atomic_write_bytes",
     "atomic_write_text",
     "heldout_ids",
     "level_dir",
@@ -78,20 +79,39 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+def _located(e: OSError, path: Path) -> OSError:
+    """``e`` naming ``path`` when the OS did not name a file (a failed write, e.g. a full disk)."""
+    if e.filename:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename.
+
+    Raises:
+        OSError: naming ``path`` (permissions, a full disk); no temporary file is left behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any written file
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _located(e, path) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -116,6 +136,9 @@ def write_table(table: pa.Table, directory: Path, *, shard_rows: int, marker: di
 
     The shards (and an optional ``_SUCCESS`` marker holding ``marker``) are written into a temporary sibling
     directory that is renamed into place last.
+
+    Raises:
+        OSError: naming ``directory`` (permissions, a full disk); the temporary directory is removed.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
@@ -127,6 +150,8 @@ def write_table(table: pa.Table, directory: Path, *, shard_rows: int, marker: di
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+    except OSError as e:
+        raise _located(e, directory) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

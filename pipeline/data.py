@@ -13,9 +13,9 @@ With ``bad_rows="skip"`` a bad row is counted and skipped instead; file-level pr
 extension, empty file, unreadable JSON array or Parquet) always raise, and so does a file with no valid row.
 
 Roles are ``system`` (first message only), ``user`` and ``assistant``; content must be a non-empty string (text
-parts lists are rejected: the trainer is text-only); each row needs at least one assistant turn. Length is not
-checked here: rows longer than ``train.max_seq_len`` tokens are truncated at tokenization (and counted there, see
-:mod:`pipeline.tokenization`).
+parts lists are rejected: the trainer is text-only); each row needs at least one assistant turn. Length needs the tokenizer, so the trainer checks it
+(:func:`pipeline.train.train`): a row with no assistant token within ``train.max_seq_len`` is a bad row (named by
+file and row like the others); a longer row that still trains is truncated and counted.
 """
 
 from __future__ import annotations
@@ -79,6 +79,20 @@ class DomainSet:
     rows_read: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)  # the first few skipped rows' messages
+    origins: list[tuple[str, int, bool]] = field(default_factory=list)  # (file, row, row is a line) per example
+
+    def row_error(self, i: int, field_name: str | None, message: str) -> DataError:
+        """A :class:`DataError` about example ``i``, located at its file and row."""
+        path, row, line = self.origins[i]
+        return DataError(path, message, row=row, field=field_name, line=line)
+
+    def drop(self, bad: dict[int, DataError]) -> None:
+        """Remove the examples ``bad`` maps to their problems, counting them as skipped rows."""
+        keep = [i for i in range(len(self.examples)) if i not in bad]
+        self.examples = [self.examples[i] for i in keep]
+        self.origins = [self.origins[i] for i in keep]
+        self.skipped += len(bad)
+        self.problems += [str(e) for e in list(bad.values())[: max(0, _MAX_PROBLEMS - len(self.problems))]]
 
     def stats(self) -> dict[str, Any]:
         """JSON-ready counts for a manifest."""
@@ -280,6 +294,7 @@ def _load_file(path: Path, *, fmt: Format, bad_rows: str, out: DomainSet, limit:
             if not isinstance(row, dict):
                 raise _RowError(None, f"a row must be a JSON object, got {type(row).__name__}")
             out.examples.append(_NORMALIZERS[detected](row))
+            out.origins.append((str(path), n, by_line))
             kept += 1
         except _RowError as e:
             err = DataError(path, str(e), row=n, field=e.field, line=by_line)

@@ -26,9 +26,9 @@ from typing import Any
 
 from pipeline.config import TGConfig
 from pipeline.corpus import atomic_write_text, heldout_ids, read_dialogues
-from pipeline.serve import default_models, request_json, serving, wait_ready
+from pipeline.serve import ServeError, default_models, request_json, serving, wait_ready
 
-__all__ = ["EndpointError", "check_prompt_logprobs", "evaluate", "retention_probe", "run_domain_task", "run_lm_eval"]
+__all__ = ["EndpointError", "check_prompt_logprobs", "check_tasks", "evaluate", "retention_probe", "run_domain_task", "run_lm_eval"]
 
 # lm-eval output types that score continuations by their log-likelihood (need prompt logprobs)
 _LOGLIKELIHOOD = {"multiple_choice", "loglikelihood", "loglikelihood_rolling"}
@@ -51,7 +51,7 @@ def check_prompt_logprobs(base_url: str, model_id: str) -> None:
             "such as `tgsft serve` do")
     try:
         out = request_json(f"{base_url}/v1/completions", payload=payload, timeout=120)
-    except (RuntimeError, OSError) as e:
+    except (ServeError, OSError) as e:
         raise EndpointError(f"{hint}; the request failed: {e}") from None
     choice = (out.get("choices") or [{}])[0]
     logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
@@ -60,6 +60,33 @@ def check_prompt_logprobs(base_url: str, model_id: str) -> None:
 
 
 # ----------------------------------------------------------------------------- lm-eval
+
+
+def check_tasks(tasks: list[str], data_dir: str | None) -> None:
+    """Fail before any model is served: a missing ``eval.data_dir``, a mirror without its file, an unknown task.
+
+    Raises:
+        FileNotFoundError: ``data_dir`` is not a directory, or a mirror's upstream file is missing (names the path).
+        ValueError: a task name lm-eval does not know (with the closest known names).
+    """
+    import difflib
+
+    from pipeline.tasks import MIRRORS, task_manager
+    from pipeline.tasks.loaders import find_file
+
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"eval.data_dir: {data_dir} is not a directory")
+    for name in tasks:
+        if name in MIRRORS:
+            find_file(name.removeprefix("tgsft_").removesuffix("_mc1").removesuffix("_mc2"), data_dir)
+    builtin = set(MIRRORS) | {"tgsft_general"}
+    if any(name not in builtin for name in tasks):
+        known = set(task_manager(data_dir=data_dir).all_tasks)
+        for name in tasks:
+            if name not in known and name not in builtin:
+                close = difflib.get_close_matches(name, sorted(known | builtin), n=3)
+                raise ValueError(f"eval.tasks: unknown task {name!r}" + (f"; did you mean {', '.join(close)}?"
+                                                                        if close else ""))
 
 
 def _metrics(task_result: dict[str, Any], higher: dict[str, bool]) -> dict[str, dict[str, Any]]:
@@ -298,8 +325,10 @@ def evaluate(
 
     Raises:
         EndpointError: the endpoint lacks prompt logprobs for loglikelihood tasks or the probe.
-        FileNotFoundError: a mirror's data file or a domain eval file is missing.
+        FileNotFoundError: ``eval.data_dir``, a mirror's data file or a domain eval file is missing.
+        ValueError: an unknown task name.
     """
+    check_tasks(cfg.eval.tasks, cfg.eval.data_dir)
     models = models or default_models(cfg)
     out_dir = Path(out_dir or cfg.run_dir / "eval")
     corpus_dir = Path(corpus_dir or cfg.mix.tg_corpus or cfg.run_dir / "corpus")

@@ -31,7 +31,7 @@ from pipeline.corpus import (
     write_table,
 )
 
-__all__ = ["engine_options", "generate"]
+__all__ = ["check_output", "engine_options", "generate"]
 
 _ROLE = {"question": "user", "answer": "assistant", "text": "text"}
 
@@ -124,8 +124,18 @@ def _prompt(kind: str, render: chat.Render, system: list[dict], path: tuple, pt_
     return chat.question_prompt(render, history) if kind == "question" else chat.answer_prompt(render, history)
 
 
-def _check_output(out_dir: Path, digest: str, overwrite: bool) -> dict | None:
-    """The existing manifest to resume from, or None for a fresh start; refuses a foreign or other-config dir."""
+def check_output(cfg: TGConfig, out_dir: Path, *, overwrite: bool = False) -> tuple[str, dict | None]:
+    """The corpus hash of ``cfg`` and the manifest in ``out_dir`` to resume from (None: a fresh start).
+
+    Raises:
+        ValueError: ``out_dir`` holds something else or another config's corpus, and ``overwrite`` is off
+            (with ``overwrite`` it is removed).
+    """
+    digest = config_hash({"model": cfg.model.source, "tree": cfg.tree.model_dump(mode="json")})
+    return digest, _previous(out_dir, digest, overwrite)
+
+
+def _previous(out_dir: Path, digest: str, overwrite: bool) -> dict | None:
     manifest = read_json(out_dir / "manifest.json")
     if manifest is None:
         if out_dir.exists() and any(out_dir.iterdir()):
@@ -176,8 +186,7 @@ def generate(
     t_run = time.monotonic()
     tcfg = cfg.tree
     out_dir = Path(out_dir or cfg.run_dir / "corpus")
-    digest = config_hash({"model": cfg.model.source, "tree": tcfg.model_dump(mode="json")})
-    previous = _check_output(out_dir, digest, overwrite)
+    digest, previous = check_output(cfg, out_dir, overwrite=overwrite)
     if previous and previous.get("status") == "complete":
         log(f"generate: reusing the complete corpus in {out_dir} ({previous['dialogues']} dialogues)")
         return previous

@@ -11,11 +11,12 @@ higher-is-better metrics and base/variant for lower-is-better ones (the retentio
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.corpus import atomic_write_text
+from pipeline.corpus import atomic_write_bytes, atomic_write_text
 
 __all__ = ["BASE_ID", "build_report", "write_report"]
 
@@ -169,8 +170,10 @@ def _plot(report: dict[str, Any], path: Path) -> None:
                       "domain": "domain (higher is better)"}[section], fontsize=9)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def write_report(run_dir: Path, *, out_dir: Path | None = None) -> dict:
@@ -188,8 +191,8 @@ def write_report(run_dir: Path, *, out_dir: Path | None = None) -> dict:
     """
     report = build_report(_load(Path(run_dir) / "eval"))
     out_dir = Path(out_dir or Path(run_dir) / "report")
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    _plot(report, out_dir / "report.png")  # report.json, the one other tools read, is written last
     atomic_write_text(out_dir / "report.md", _markdown(report))
-    _plot(report, out_dir / "report.png")
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"report: {out_dir}/report.md", flush=True)
     return report

@@ -25,6 +25,20 @@ def _eval_stamp(cfg: TGConfig) -> str:
     return config_hash({s: getattr(cfg, s).model_dump(mode="json") for s in sections})
 
 
+def _preflight(cfg: TGConfig, run_dir: Path) -> None:
+    """Fail before anything is written or started: another config's corpus in the run directory, bad domain
+    files (train and eval), unknown eval tasks or missing eval data."""
+    from pipeline.data import load_examples
+    from pipeline.evaluate import check_tasks
+    from pipeline.generate import check_output
+
+    check_output(cfg, run_dir / "corpus")
+    for files in (cfg.data.train, cfg.data.eval):
+        if files:
+            load_examples(files, fmt=cfg.data.format, bad_rows=cfg.data.bad_rows)
+    check_tasks(cfg.eval.tasks, cfg.eval.data_dir)
+
+
 def run(cfg: TGConfig, *, config_path: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the whole pipeline in ``cfg.run_dir`` and return the report.
 
@@ -32,6 +46,11 @@ def run(cfg: TGConfig, *, config_path: str | None = None, log: Callable[[str], N
         cfg: the run config.
         config_path: the file it came from (recorded in the run directory).
         log: where progress lines go.
+
+    Raises:
+        ValueError: bad domain data (file, row, field), unknown eval tasks, or a run directory holding another
+            tree config's corpus; found before anything is written.
+        OSError: missing files, permissions or a full disk (naming the path).
     """
     from pipeline.evaluate import evaluate
     from pipeline.generate import generate
@@ -42,6 +61,7 @@ def run(cfg: TGConfig, *, config_path: str | None = None, log: Callable[[str], N
 
     t0 = time.monotonic()
     run_dir = cfg.run_dir.resolve()
+    _preflight(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     header = f"# effective config of run {cfg.name}" + (f" (from {config_path})" if config_path else "") + "\n"
     atomic_write_text(run_dir / "config.yaml", header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

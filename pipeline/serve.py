@@ -26,10 +26,14 @@ from typing import Any, Callable, Iterator
 
 from pipeline.config import ModelConfig, ServeConfig, TGConfig
 
-__all__ = ["APP_NAME", "build_app_args", "default_models", "request_json", "required_cpus", "serve_forever",
+__all__ = ["APP_NAME", "ServeError", "build_app_args", "default_models", "request_json", "required_cpus", "serve_forever",
            "serving", "wait_ready"]
 
 APP_NAME = "tgsft"
+
+
+class ServeError(RuntimeError):
+    """The endpoint answered with an HTTP error, or the app failed to deploy."""
 
 
 def default_models(cfg: TGConfig, *, log: Callable[[str], None] = print) -> dict[str, str]:
@@ -99,7 +103,7 @@ def request_json(url: str, *, payload: dict | None = None, timeout: float = 300)
     """GET (no payload) or POST JSON to ``url`` and decode the JSON answer.
 
     Raises:
-        RuntimeError: the server answered with an HTTP error (status and body in the message).
+        ServeError: the server answered with an HTTP error (status and body in the message).
         urllib.error.URLError: the server is unreachable.
     """
     data = None if payload is None else json.dumps(payload).encode()
@@ -108,7 +112,7 @@ def request_json(url: str, *, payload: dict | None = None, timeout: float = 300)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+        raise ServeError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
 
 
 def wait_ready(
@@ -136,7 +140,7 @@ def wait_ready(
                 request_json(f"{base_url}/v1/completions", payload=payload, timeout=120)
                 pending.remove(model_id)
             last_error = f"not listed yet: {pending}"
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
+        except (OSError, ServeError, KeyError, ValueError) as e:
             last_error = str(e)
         if not pending:
             return
@@ -182,7 +186,7 @@ def _deploy_failed() -> None:
 
     app = serve.status().applications.get(APP_NAME)
     if app is not None and app.status == "DEPLOY_FAILED":  # ApplicationStatus is a str enum
-        raise RuntimeError(f"serve: application {APP_NAME!r} failed to deploy: {app.message}")
+        raise ServeError(f"serve: application {APP_NAME!r} failed to deploy: {app.message}")
 
 
 @contextlib.contextmanager

@@ -144,6 +144,31 @@ def _domain_files(cfg: TGConfig, log: Callable[[str], None]) -> list[str]:
     return [str(train_file)]
 
 
+def _check_lengths(domain: Any, tokenizer: Any, *, max_seq_len: int, bad_rows: str) -> None:
+    """Treat domain rows with no assistant token within ``max_seq_len`` as bad rows (raise, or skip and count).
+
+    Raises:
+        DataError: the first such row (file, row, ``messages``) when ``bad_rows="error"``, or no row is left.
+    """
+    from pipeline.data import DataError
+    from pipeline.tokenization import tokenize_chat
+
+    bad = {}
+    for i, messages in enumerate(domain.examples):
+        if tokenize_chat(tokenizer, messages, max_seq_len=max_seq_len) is None:
+            n = len(tokenize_chat(tokenizer, messages, max_seq_len=1 << 30).input_ids)
+            err = domain.row_error(i, "messages", f"{n} tokens, and none of the assistant's within "
+                                   f"train.max_seq_len={max_seq_len}: nothing to train on (raise train.max_seq_len "
+                                   "or shorten the prompt)")
+            if bad_rows != "skip":
+                raise err
+            bad[i] = err
+    if bad:
+        domain.drop(bad)
+        if not domain.examples:
+            raise DataError(", ".join(domain.files), f"no row fits train.max_seq_len={max_seq_len}")
+
+
 def _run_hash(cfg: TGConfig, model_path: str) -> str:
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RUN_FIELDS_IGNORED}
     return config_hash({"model": model_path, "data": cfg.data.model_dump(mode="json"),
@@ -227,15 +252,16 @@ def train(
     # ---- data and mix (driver, pure)
     domain = load_examples(_domain_files(cfg, log), fmt=cfg.data.format, bad_rows=cfg.data.bad_rows,
                            max_examples=cfg.data.max_examples)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    _check_lengths(domain, tokenizer, max_seq_len=tc.max_seq_len, bad_rows=cfg.data.bad_rows)
     if domain.skipped:
-        log(f"data: skipped {domain.skipped} malformed row(s); first: {domain.problems[0]}")
+        log(f"data: skipped {domain.skipped} bad row(s); first: {domain.problems[0]}")
     tg, tg_stats = None, {}
     if cfg.mix.tg_ratio > 0:
         corpus = Path(corpus_dir or cfg.mix.tg_corpus or cfg.run_dir / "corpus")
         tg, tg_stats = load_tg(corpus, retention_dialogues=cfg.eval.retention_dialogues)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     mix, mix_stats = build_mix(domain.examples, tg, tg_ratio=cfg.mix.tg_ratio, by=cfg.mix.by, seed=cfg.mix.seed,
                                count_tokens=_count_tokens(tokenizer))
     mix_stats.update(tg_stats)
@@ -312,7 +338,8 @@ def train(
         "model": str(model_dir),
         "checkpoints": f"{storage}/{run_name}",
         **{k: metrics[k] for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss", "losses",
-                                   "resumed_from_step", "optimizer_step_at_resume", "train_seconds")
+                                   "resumed_from_step", "optimizer_step_at_resume", "train_seconds",
+                                   "peak_rss_gib")
            if k in metrics},
         "total_steps": total_steps,
         "data": domain.stats(),

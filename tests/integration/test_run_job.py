@@ -109,3 +109,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     domain_tuned = evals["tuned"]["domain"]["metrics"]["field_acc"]["value"]
     assert domain_tuned > domain_base, (domain_base, domain_tuned)
     assert evals["tuned"]["retention"]["n_dialogues"] == 2
+    # The job ran with the cluster's auth token in its environment: no file of the run may carry it.
+    token = env["RAY_AUTH_TOKEN"].encode()
+    leaked = [str(p) for p in run_dir.rglob("*") if p.is_file() and token in p.read_bytes()]
+    assert not leaked, leaked

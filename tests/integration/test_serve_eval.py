@@ -1,12 +1,15 @@
 """Serve the embedded model with Ray Serve LLM and evaluate it end to end: tgsft_general, an offline mirror on an
-upstream-format fixture, the built-in domain task and the retention probe on a hand-made corpus (one served app
-for the whole module; start-up takes about a minute)."""
+upstream-format fixture, the built-in domain task and the retention probe on a hand-made corpus; bad requests get
+clear errors, and a killed replica is replaced (one served app for the whole module; start-up takes about a
+minute)."""
 
 from __future__ import annotations
 
 import json
 import math
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -109,3 +112,59 @@ def test_evaluate_and_report(served, model_path, tmp_path):
     row = next(r for r in report["rows"] if r["task"] == "tgsft_general" and r["metric"] == "acc")
     assert row["base"]["value"] == general["metrics"]["acc"]["value"]
     assert (Path(cfg.run_dir) / "report" / "report.png").is_file()
+
+
+def _post(url: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_bad_requests_get_clear_errors(served):
+    """The endpoint's side of the bad-input catalogue: malformed body, unknown model id, max_tokens too large."""
+    cfg, base_url = served
+    url = f"{base_url}/v1/completions"
+    code, body = _post(url, b'{"model": "base", "prompt": ')
+    assert code in (400, 422) and "json" in body.lower(), (code, body)
+    code, body = _post(url, json.dumps({"model": "nope", "prompt": "Hi", "max_tokens": 4}).encode())
+    assert code == 404 and 'Could not find base model with ID "nope"' in body, (code, body)
+    too_many = cfg.model.max_model_len + 1
+    code, body = _post(url, json.dumps({"model": "base", "prompt": "Hi", "max_tokens": too_many}).encode())
+    assert code == 400 and str(cfg.model.max_model_len) in body and "context" in body.lower(), (code, body)
+    # the endpoint still answers after the bad requests
+    assert request_json(url, payload={"model": "base", "prompt": "Hi", "max_tokens": 2})["choices"][0]["text"]
+
+
+def _replica_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(part.startswith("ray::ServeReplica:tgsft:LLMServer") for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_replica_is_replaced(served):
+    """SIGKILL the model's Serve replica: Serve starts a new one and requests succeed again (runs last: the
+    module's endpoint is down for the restart)."""
+    import os
+    import time
+
+    cfg, base_url = served
+    before = _replica_pids()
+    assert len(before) == 1, before
+    os.kill(before[0], 9)
+    deadline, last = time.monotonic() + cfg.serve.ready_timeout_s, ""
+    payload = {"model": "base", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    while time.monotonic() < deadline:
+        try:
+            text = request_json(f"{base_url}/v1/completions", payload=payload, timeout=60)["choices"][0]["text"]
+            if _replica_pids() and _replica_pids() != before:
+                break
+        except Exception as e:  # noqa: BLE001 - any failure while the replica restarts
+            last = repr(e)
+        time.sleep(2)
+    else:
+        pytest.fail(f"no answer from a new replica within {cfg.serve.ready_timeout_s} s ({last})")
+    assert text.strip() and _replica_pids() != before

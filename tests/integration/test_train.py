@@ -1,6 +1,6 @@
 """SFT end to end on real Ray Train + DeepSpeed (2 CPU workers) with the embedded model: loss falls, the export
 loads in transformers and vLLM, ZeRO-3 export equals the gathered weights, a stopped run resumes with its optimizer
-state, and a finished export is reused."""
+state, a finished export is reused, and a killed worker's run resumes from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def test_loss_falls_and_mix_is_recorded(zero2):
     assert m["steps"] == 4 and len(m["losses"]) == 4
     assert m["final_loss"] < 0.5 * m["initial_loss"], m["losses"]
     assert m["tokens"] > 0 and m["tokens_per_s"] > 0
+    assert 0.3 < m["peak_rss_gib"] < 16  # a 135M model + DeepSpeed state, measured in the workers
     # 8 domain examples + 2 TG rows (0.2 share); the held-out TG dialogues are not in the mix.
     assert (m["mix"]["domain_examples"], m["mix"]["tg_examples"], m["mix"]["tg_heldout_excluded"]) == (8, 2, HELDOUT)
     mix = pa.concat_tables([pq.read_table(p) for p in sorted((zero2["tmp"] / "a" / "mix").glob("part-*.parquet"))])
@@ -128,6 +129,53 @@ def test_finished_export_is_reused_and_a_stopped_run_resumes(zero2):
     assert m["resumed_from_step"] == 4 and m["steps"] == 6
     assert m["optimizer_step_at_resume"] == 4  # Adam's own step counter came back with the checkpoint
     assert m["losses"][:4] == zero2["manifest"]["losses"] and len(m["losses"]) == 6
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(part.startswith("ray::RayTrainWorker") for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(zero2):
+    """SIGKILL one DeepSpeed worker right after a checkpoint: Ray Train (FailureConfig) restarts the group, which
+    resumes from that checkpoint, finishes, and exports a model that loads."""
+    import threading
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train import train
+
+    cfg = zero2["cfg"].model_copy(deep=True)
+    cfg.train.max_steps, cfg.train.max_failures = 14, 1
+    run_dir = next(Path(zero2["cfg"].train.storage_path).glob("sft-*"))
+    killed: list[int] = []
+
+    def kill_after_checkpoint_8() -> None:
+        deadline = time.monotonic() + 900
+        while not (run_dir / "checkpoint_000008").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # let Ray Train register the checkpoint
+        for pid in _train_worker_pids()[:1]:
+            os.kill(pid, 9)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_after_checkpoint_8, daemon=True)
+    killer.start()
+    logs: list[str] = []
+    folder = train(cfg, corpus_dir=zero2["corpus"], out_dir=zero2["tmp"] / "c", log=logs.append)
+    killer.join(timeout=5)
+    assert killed, "no train worker was found to kill"
+    m = json.loads((zero2["tmp"] / "c" / "manifest.json").read_text())
+    # without the kill this run would have resumed from step 6 (the previous test's last checkpoint)
+    assert m["resumed_from_step"] in (8, 10, 12) and m["optimizer_step_at_resume"] == m["resumed_from_step"]
+    assert m["steps"] == 14 and len(m["losses"]) == 14
+    assert m["losses"][:4] == zero2["manifest"]["losses"]
+    tuned = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert tuned.config.num_hidden_layers > 0 and all(torch.isfinite(p).all() for p in tuned.parameters())
 
 
 def test_zero3_export_equals_gathered_weights(tmp_path, ray_session, model_path):
