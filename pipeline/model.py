@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.corpus import atomic_write_text
+
 __all__ = ["EMBEDDED", "cache_dir", "embedded_gguf", "embedder_path", "prepare_embedded", "resolve_model"]
 
 EMBEDDED = "embedded"
@@ -80,9 +82,17 @@ def prepare_embedded(*, cache: str | None = None, force: bool = False, log=print
     """
     gguf = embedded_gguf()
     target = cache_dir(cache) / "models" / _FOLDER
-    digest = _sha256(gguf)
     stamp = target / _STAMP
-    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("sha256") == digest:
+    st = gguf.stat()
+    # The 98 MB checksum is computed only when the GGUF file itself (path, size, mtime) is not the one stamped.
+    ident = {"gguf_path": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    info = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if not force and info.get("sha256") and all(info.get(k) == v for k, v in ident.items()):
+        log(f"embedded model ready: {target} (reused; GGUF sha256 {info['sha256'][:12]})")
+        return target
+    digest = _sha256(gguf)
+    if not force and info.get("sha256") == digest:
+        atomic_write_text(stamp, json.dumps({**info, **ident}, indent=2))
         log(f"embedded model ready: {target} (reused; GGUF sha256 {digest[:12]})")
         return target
 
@@ -103,7 +113,7 @@ def prepare_embedded(*, cache: str | None = None, force: bool = False, log=print
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / _STAMP).write_text(json.dumps({"gguf": gguf.name, "sha256": digest}, indent=2))
+        (tmp / _STAMP).write_text(json.dumps({"gguf": gguf.name, "sha256": digest, **ident}, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -1,9 +1,12 @@
-"""Shared fixtures. Unit tests need none of them; integration tests share one Ray cluster, one prepared embedded
-model and one vLLM engine pool per session, because each engine start costs 20-100 s here."""
+"""Shared fixtures. Unit tests need none of them but the small HTTP stub; integration tests share one Ray cluster,
+one prepared embedded model and one vLLM engine pool per session, because each engine start costs 20-100 s here."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,33 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("shared data folder not present")
     return path
+
+
+@pytest.fixture
+def no_logprobs_endpoint():
+    """An OpenAI-style server (like many hosted APIs) that lists model 'base' and completes, but never returns
+    prompt logprobs."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, obj: dict) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802
+            self._send({"object": "list", "data": [{"id": "base", "object": "model"}]})
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"choices": [{"index": 0, "text": " blue", "logprobs": None}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -1,14 +1,12 @@
 """SFT end to end on real Ray Train + DeepSpeed (2 CPU workers) with the embedded model: loss falls, the export
-loads in transformers and vLLM, ZeRO-3 export equals the gathered weights, a stopped run resumes with its optimizer
-state, a finished export is reused, and a killed worker's run resumes from its last checkpoint."""
+loads and generates in transformers (vLLM serves it in test_run_job.py), ZeRO-3 export equals the gathered weights,
+a finished export is reused, a stopped run resumes with its optimizer state, and so does a run whose worker is
+killed."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,26 +92,7 @@ def test_export_loads_in_transformers(zero2, model_path):
     assert "Rome" in answer  # trained on this very example
 
 
-def test_export_generates_with_vllm(zero2):
-    script = textwrap.dedent(f"""
-        import json
-        from vllm import LLM, SamplingParams
-        if __name__ == "__main__":
-            llm = LLM(model={str(zero2["model"])!r}, enforce_eager=True, max_model_len=512, dtype="bfloat16")
-            out = llm.chat([{{"role": "user", "content": "Give the capital of Spain as JSON."}}],
-                           SamplingParams(temperature=0, max_tokens=24))
-            print("RESULT" + json.dumps(out[0].outputs[0].text))
-    """)
-    path = zero2["tmp"] / "vllm_check.py"
-    path.write_text(script)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    assert lines, proc.stderr[-3000:]
-    assert "Madrid" in json.loads(lines[0][len("RESULT"):])
-
-
-def test_finished_export_is_reused_and_a_stopped_run_resumes(zero2):
+def test_finished_export_is_reused(zero2):
     from pipeline.train import train
 
     logs: list[str] = []
@@ -121,26 +100,26 @@ def test_finished_export_is_reused_and_a_stopped_run_resumes(zero2):
         "model"]
     assert any("reusing the finished export" in line for line in logs)
 
-    # The 4-step run stopped after its checkpoint at step 4; a larger budget continues it from there.
-    more = zero2["cfg"].model_copy(deep=True)
-    more.train.max_steps = 6
-    train(more, corpus_dir=zero2["corpus"], out_dir=zero2["tmp"] / "b", log=logs.append)
-    m = json.loads((zero2["tmp"] / "b" / "manifest.json").read_text())
-    assert m["resumed_from_step"] == 4 and m["steps"] == 6
-    assert m["optimizer_step_at_resume"] == 4  # Adam's own step counter came back with the checkpoint
-    assert m["losses"][:4] == zero2["manifest"]["losses"] and len(m["losses"]) == 6
-
 
 def _train_worker_pids() -> list[int]:
     import psutil
 
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any(part.startswith("ray::RayTrainWorker") for part in (p.info["cmdline"] or []))]
+            if " ".join(p.info["cmdline"] or []).startswith("ray::RayTrainWorker")]
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(zero2):
-    """SIGKILL one DeepSpeed worker right after a checkpoint: Ray Train (FailureConfig) restarts the group, which
-    resumes from that checkpoint, finishes, and exports a model that loads."""
+def _registered_checkpoint(run_dir: Path) -> str | None:
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or caught mid-write
+        return None
+
+
+def test_a_stopped_run_resumes_and_a_killed_worker_resumes_from_its_checkpoint(zero2):
+    """The 4-step run stopped after its checkpoint at step 4; a budget of 10 steps continues it from there with its
+    optimizer state. One DeepSpeed worker is then SIGKILLed once checkpoint 6 is registered: Ray Train
+    (FailureConfig) restarts the worker group, which resumes from step 6, finishes, and exports a model that loads."""
     import threading
     import time
 
@@ -150,32 +129,30 @@ def test_killed_worker_resumes_from_the_last_checkpoint(zero2):
     from pipeline.train import train
 
     cfg = zero2["cfg"].model_copy(deep=True)
-    cfg.train.max_steps, cfg.train.max_failures = 14, 1
+    cfg.train.max_steps, cfg.train.max_failures = 10, 1
     run_dir = next(Path(zero2["cfg"].train.storage_path).glob("sft-*"))
     killed: list[int] = []
 
-    def kill_after_checkpoint_8() -> None:
+    def kill_once_checkpoint_6_is_registered() -> None:
         deadline = time.monotonic() + 900
-        while not (run_dir / "checkpoint_000008").is_dir() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(2)  # let Ray Train register the checkpoint
+        while _registered_checkpoint(run_dir) != "checkpoint_000006" and time.monotonic() < deadline:
+            time.sleep(0.1)
         for pid in _train_worker_pids()[:1]:
             os.kill(pid, 9)
             killed.append(pid)
 
-    killer = threading.Thread(target=kill_after_checkpoint_8, daemon=True)
+    killer = threading.Thread(target=kill_once_checkpoint_6_is_registered, daemon=True)
     killer.start()
-    logs: list[str] = []
-    folder = train(cfg, corpus_dir=zero2["corpus"], out_dir=zero2["tmp"] / "c", log=logs.append)
+    folder = train(cfg, corpus_dir=zero2["corpus"], out_dir=zero2["tmp"] / "b", log=lambda _: None)
     killer.join(timeout=5)
     assert killed, "no train worker was found to kill"
-    m = json.loads((zero2["tmp"] / "c" / "manifest.json").read_text())
-    # without the kill this run would have resumed from step 6 (the previous test's last checkpoint)
-    assert m["resumed_from_step"] in (8, 10, 12) and m["optimizer_step_at_resume"] == m["resumed_from_step"]
-    assert m["steps"] == 14 and len(m["losses"]) == 14
-    assert m["losses"][:4] == zero2["manifest"]["losses"]
+    m = json.loads((zero2["tmp"] / "b" / "manifest.json").read_text())
+    # the first attempt resumed from step 4; the restarted group (the one that finished) from step 6
+    assert m["resumed_from_step"] == 6 and m["steps"] == 10
+    assert m["optimizer_step_at_resume"] == 6  # Adam's own step counter came back with the checkpoint
+    assert m["losses"][:4] == zero2["manifest"]["losses"] and len(m["losses"]) == 10
     tuned = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    assert tuned.config.num_hidden_layers > 0 and all(torch.isfinite(p).all() for p in tuned.parameters())
+    assert all(torch.isfinite(p).all() for p in tuned.parameters())
 
 
 def test_zero3_export_equals_gathered_weights(tmp_path, ray_session, model_path):

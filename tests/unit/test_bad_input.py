@@ -5,14 +5,12 @@ names the file / row / field or config key, and leave nothing half-written. No R
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -239,35 +237,6 @@ def test_eval_unreachable_endpoint(capsys, tmp_path, fake_model):
     code, err = _eval(capsys, tmp_path, fake_model, url, "-o", "serve.ready_timeout_s=2")
     assert code == 1 and f"{url}: models ['base'] not ready after 2 s" in err and "refused" in err, err
     assert not (tmp_path / "eval").exists()
-
-
-@pytest.fixture
-def no_logprobs_endpoint():
-    """An OpenAI-style server that lists 'base' and completes, but never returns prompt logprobs."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _send(self, obj: dict) -> None:
-            body = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):  # noqa: N802
-            self._send({"object": "list", "data": [{"id": "base", "object": "model"}]})
-
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self._send({"choices": [{"index": 0, "text": " blue", "logprobs": None}]})
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_eval_endpoint_without_prompt_logprobs(capsys, tmp_path, fake_model, no_logprobs_endpoint):

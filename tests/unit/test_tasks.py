@@ -190,31 +190,6 @@ def test_importing_tasks_package_skips_lm_eval():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.fixture
-def no_logprobs_endpoint():
-    """A tiny OpenAI-style stub whose completions carry no prompt logprobs (like many hosted APIs)."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"choices": [{"index": 0, "text": " blue", "logprobs": None}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 def test_loglikelihood_tasks_fail_clearly_without_prompt_logprobs(no_logprobs_endpoint):
     from pipeline.evaluate import EndpointError, retention_probe, run_lm_eval
 
