@@ -31,7 +31,8 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, dashboa
     else:
         cpus = num_cpus or max(_MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1))
         # address="local": always a new single-node Ray, even when a `ray start` cluster runs on this machine
-        # (joining that one is an explicit choice: ray.address="auto").
-        ray.init(address="local", num_cpus=cpus, dashboard_host=dashboard_host, include_dashboard=False,
+        # (joining that one is an explicit choice: ray.address="auto"). The dashboard also serves the State API
+        # that Ray Train's placement-group cleaner polls.
+        ray.init(address="local", num_cpus=cpus, dashboard_host=dashboard_host, include_dashboard=True,
                  log_to_driver=True)
     return ray

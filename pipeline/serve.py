@@ -190,7 +190,7 @@ def _deploy_failed() -> None:
 
 
 @contextlib.contextmanager
-def serving(cfg: TGConfig, models: dict[str, str]) -> Iterator[str]:
+def serving(cfg: TGConfig, models: dict[str, str], *, access_log: bool = False) -> Iterator[str]:
     """Serve ``models`` for the duration of a ``with`` block.
 
     Starts Ray if needed, deploys the OpenAI app, waits until every model answers, and on exit (also on error or
@@ -199,6 +199,7 @@ def serving(cfg: TGConfig, models: dict[str, str]) -> Iterator[str]:
     Args:
         cfg: run config (serve, model and ray sections are read).
         models: model id -> folder or hub id.
+        access_log: log every request (a long-running server wants it; an evaluation's thousands of requests not).
 
     Yields:
         The base URL, ``http://host:port`` (append ``/v1/...``).
@@ -220,9 +221,10 @@ def serving(cfg: TGConfig, models: dict[str, str]) -> Iterator[str]:
 
     base_url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     try:
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        logging_config = {"enable_access_log": access_log}
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
         app = build_openai_app(build_app_args(models, serve=cfg.serve, model=cfg.model))
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
         wait_ready(base_url, model_ids=list(models), timeout_s=cfg.serve.ready_timeout_s, check=_deploy_failed)
         yield base_url
     finally:
@@ -245,7 +247,7 @@ def serve_forever(cfg: TGConfig, *, models: dict[str, str]) -> None:
     for model_id, source in models.items():
         if source.startswith(("/", ".", "~")) and not (Path(source).expanduser() / "config.json").is_file():
             raise FileNotFoundError(f"serve: model {model_id!r}: {source} is not a Hugging Face folder")
-    with serving(cfg, models) as base_url:
+    with serving(cfg, models, access_log=True) as base_url:
         print(f"serving {', '.join(models)} at {base_url}/v1 (Ctrl-C stops)", flush=True)
         try:
             while True:

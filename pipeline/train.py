@@ -314,6 +314,9 @@ def train(
     }
     storage = _storage(tc, out_dir)
     run_name = f"sft-{run_hash}"
+    # Ray Train both prints and logs a worker's print() (every progress line twice on the driver); print only.
+    # The variable travels from the driver to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
