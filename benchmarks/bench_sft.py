@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -52,6 +53,7 @@ def _one(work: Path, corpus: Path, zero: int, packing: bool, rep: int, args: arg
     load = os.getloadavg()[0]
     train(cfg, out_dir=out, log=lambda s: print("   ", s))
     m = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out)  # ~2 GB of checkpoints and export per configuration
     tok = m["tokenization"]
     return {
         "zero_stage": zero, "packing": packing, "repeat": rep, "steps": m["steps"], "tokens": m["tokens"],
@@ -139,6 +141,7 @@ def main() -> None:
               "packing_speedup": speedup, "targets": targets, "runs": runs}
     path = common.save_json(args.name, result)
     _plot(summary, path.with_suffix(".png"))
+    shutil.rmtree(work, ignore_errors=True)
 
     rows = [[r["repeat"] + 1, f"ZeRO-{r['zero_stage']}", "on" if r["packing"] else "off", r["steps"], r["tokens"],
              r["train_seconds"], r["tokens_per_s"], r["peak_rss_gib"], r["load_before"]] for r in runs]

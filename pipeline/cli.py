@@ -152,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # missing files, permissions, a full disk, a timed-out endpoint
         print(f"tgsft: error: {_os_error(e)}", file=sys.stderr)
         return 1
-    except ValueError as e:  # bad data (file, row, field), bad settings found at run time, endpoint limits
-        print(f"tgsft: error: {e}", file=sys.stderr)
-        return 1
-    except ServeError as e:
+    except (ValueError, ServeError) as e:  # bad data (file, row, field), settings found wrong at run time, endpoints
         print(f"tgsft: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -13,9 +13,10 @@ With ``bad_rows="skip"`` a bad row is counted and skipped instead; file-level pr
 extension, empty file, unreadable JSON array or Parquet) always raise, and so does a file with no valid row.
 
 Roles are ``system`` (first message only), ``user`` and ``assistant``; content must be a non-empty string (text
-parts lists are rejected: the trainer is text-only); each row needs at least one assistant turn. Length needs the tokenizer, so the trainer checks it
-(:func:`pipeline.train.train`): a row with no assistant token within ``train.max_seq_len`` is a bad row (named by
-file and row like the others); a longer row that still trains is truncated and counted.
+parts lists are rejected: the trainer is text-only); each row needs at least one assistant turn. Length needs the
+tokenizer, so the trainer checks it (:func:`pipeline.train.train`): a row with no assistant token within
+``train.max_seq_len`` is a bad row (named by file and row like the others); a longer row that still trains is
+truncated and counted.
 """
 
 from __future__ import annotations

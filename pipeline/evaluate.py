@@ -28,10 +28,13 @@ from pipeline.config import TGConfig
 from pipeline.corpus import atomic_write_text, heldout_ids, read_dialogues
 from pipeline.serve import ServeError, default_models, request_json, serving, wait_ready
 
-__all__ = ["EndpointError", "check_prompt_logprobs", "check_tasks", "evaluate", "retention_probe", "run_domain_task", "run_lm_eval"]
+__all__ = ["EndpointError", "check_prompt_logprobs", "check_tasks", "evaluate", "retention_probe", "run_domain_task",
+           "run_lm_eval"]
 
 # lm-eval output types that score continuations by their log-likelihood (need prompt logprobs)
 _LOGLIKELIHOOD = {"multiple_choice", "loglikelihood", "loglikelihood_rolling"}
+# mirror task -> its upstream files' key in pipeline.tasks.loaders.FILES, where it is not the name without tgsft_
+_DATA_KEY = {"tgsft_truthfulqa_mc1": "truthfulqa", "tgsft_truthfulqa_mc2": "truthfulqa"}
 
 
 class EndpointError(ValueError):
@@ -78,7 +81,7 @@ def check_tasks(tasks: list[str], data_dir: str | None) -> None:
         raise FileNotFoundError(f"eval.data_dir: {data_dir} is not a directory")
     for name in tasks:
         if name in MIRRORS:
-            find_file(name.removeprefix("tgsft_").removesuffix("_mc1").removesuffix("_mc2"), data_dir)
+            find_file(_DATA_KEY.get(name, name.removeprefix("tgsft_")), data_dir)
     builtin = set(MIRRORS) | {"tgsft_general"}
     if any(name not in builtin for name in tasks):
         known = set(task_manager(data_dir=data_dir).all_tasks)
