@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator
 
 from pipeline.config import ModelConfig, ServeConfig, TGConfig
 
-__all__ = ["APP_NAME", "ServeError", "build_app_args", "default_models", "request_json", "required_cpus", "serve_forever",
-           "serving", "wait_ready"]
+__all__ = ["APP_NAME", "ServeError", "build_app_args", "default_models", "request_json", "required_cpus",
+           "serve_forever", "serving", "wait_ready"]
 
 APP_NAME = "tgsft"
 
