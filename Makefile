@@ -37,8 +37,9 @@ run: model
 test: model
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# Pure unit tests only: no converted model, torch or lm-eval (those are marked `model` and run in `make test`).
 test-unit: setup
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit -m "not model" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

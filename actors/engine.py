@@ -26,16 +26,28 @@ class GenerationEngine:
 
     def __init__(self, model: str, *, engine_kwargs: dict[str, Any], env: dict[str, str] | None = None):
         os.environ.update(env or {})
+        import torch
         from vllm import LLM
 
+        from pipeline.hardware import resolve_dtype
+
         t0 = time.monotonic()
-        self._llm = LLM(model=model, **engine_kwargs)
+        kwargs = dict(engine_kwargs)
+        # 'auto' on CPU: bf16 or fp32, measured here, on the CPU and threads this engine gets.
+        kwargs["dtype"], self.dtype_reason = resolve_dtype(kwargs.get("dtype", "auto"),
+                                                           use_gpu=torch.cuda.is_available())
+        self.dtype = kwargs["dtype"]
+        self._llm = LLM(model=model, **kwargs)
         self.start_seconds = time.monotonic() - t0
         self.calls = 0
 
     def ready(self) -> float:
         """Seconds the engine took to start."""
         return self.start_seconds
+
+    def describe(self) -> dict[str, Any]:
+        """The engine's dtype, why it was chosen, and its start-up seconds."""
+        return {"dtype": self.dtype, "dtype_reason": self.dtype_reason, "start_seconds": self.start_seconds}
 
     def generate(
         self, prompts: list[str], seeds: list[int], *, max_tokens: int, stop: list[str], sampling: dict[str, Any]

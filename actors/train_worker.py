@@ -1,12 +1,12 @@
 """The Ray Train per-worker SFT loop: DeepSpeed ZeRO on one worker's dataset shard.
 
-:func:`train_loop_per_worker` is what ``pipeline.train`` hands to ``TorchTrainer``. It builds the model and the
-DeepSpeed engine once (reusing Ray's process group: gloo on CPU, NCCL on GPU), resumes from
+:func:`train_loop_per_worker` is what ``pipeline.train`` hands to ``TorchTrainer``, with a
+:class:`pipeline.schedule.WorkerConfig` as plain data. It builds the model and the DeepSpeed engine once (reusing
+Ray's process group: gloo on CPU, NCCL on GPU), settles ``precision: auto`` by measuring on rank 0, resumes from
 ``ray.train.get_checkpoint()`` when there is one (weights, optimizer and LR-scheduler state, step counter), streams
 micro-batches from ``ray.train.get_dataset_shard("train")``, and reports checkpoints every ``checkpoint_every``
 steps. The final checkpoint also carries the Hugging Face export under ``hf/`` (ZeRO-3 weights are gathered from
-every rank first). Tokenization, collation and the LR schedule come from ``pipeline``; torch, DeepSpeed and
-transformers are imported inside the loop.
+every rank first). torch, DeepSpeed and transformers are imported inside the functions.
 
 Checkpoint layout (every rank writes its own files into its own temporary directory; Ray Train merges them)::
 
@@ -25,6 +25,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipeline.schedule import WorkerConfig, lr_multiplier
+
 __all__ = ["train_loop_per_worker"]
 
 _TAG = "ds"
@@ -38,6 +40,56 @@ def _optimizer_step_count(engine: Any) -> int:
         if "step" in state:
             return int(state["step"])
     return 0
+
+
+def _choose_precision(wc: WorkerConfig, rank: int) -> dict[str, Any]:
+    """The precision every rank uses: the configured one, or rank 0's measurement for 'auto' (broadcast), plus the
+    measured matmul peak of that precision (for MFU)."""
+    import torch.distributed as dist
+
+    from pipeline.hardware import choose_precision, matmul_tflops
+
+    if wc.use_gpu:  # DeepSpeed's config holds the GPU precision (pipeline.train.deepspeed_config)
+        mode = next((m for m in ("bf16", "fp16") if wc.ds_config.get(m, {}).get("enabled")), "fp32")
+        return {"precision": mode, "reason": "the DeepSpeed config (GPU)"}
+    choice = [None]
+    if rank == 0:
+        if wc.precision == "auto":
+            choice[0] = choose_precision()
+        else:
+            choice[0] = {"precision": wc.precision, "reason": "set in the config"}
+        # The peak larger matmuls reach at this worker's threads, for MFU.
+        choice[0]["peak_tflops"] = round(max(matmul_tflops(choice[0]["precision"], size=n) for n in (1024, 2048)), 4)
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def _build(wc: WorkerConfig) -> Any:
+    """The model wrapped in a DeepSpeed engine, with the LR schedule."""
+    import deepspeed
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import AutoModelForCausalLM
+
+    hf_ds = None
+    if wc.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(wc.ds_config)  # noqa: F841  (kept alive: from_pretrained loads weights partitioned)
+    # sdpa: the 4-D block-diagonal packing mask is passed to it unchanged (see pipeline.tokenization).
+    model = AutoModelForCausalLM.from_pretrained(wc.model_path, dtype=torch.float32, attn_implementation="sdpa")
+    if wc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    schedule = partial(lr_multiplier, total_steps=wc.total_steps, warmup_steps=wc.warmup_steps,
+                       schedule=wc.schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=wc.ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+    )
+    return engine
 
 
 def _export(engine: Any, out: Path, *, model_path: str, dtype_name: str, zero_stage: int, rank: int) -> None:
@@ -84,91 +136,129 @@ def _save(engine: Any, *, step: int, state: dict[str, Any], metrics: dict[str, A
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
 
 
+def _resume(engine: Any, rank: int) -> tuple[dict[str, Any], int, int]:
+    """(loop state, step resumed from, Adam's step counter then) from Ray Train's checkpoint, if there is one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return {"step": 0, "tokens": 0, "losses": []}, 0, 0
+    with checkpoint.as_directory() as d:
+        path, client = engine.load_checkpoint(d, tag=_TAG)
+    if path is None:
+        raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint.path}")
+    resumed_from, opt_step = engine.global_steps, _optimizer_step_count(engine)
+    if rank == 0:
+        print(f"resumed from step {resumed_from} (optimizer step {opt_step})", flush=True)
+    return client["tgsft"], resumed_from, opt_step
+
+
+def _peak_rss_gib() -> float:
+    """The largest worker process's peak resident memory, in GiB (a collective call)."""
+    import torch
+    import torch.distributed as dist
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # ru_maxrss is in KiB on Linux
+    return round(peak.item(), 3)
+
+
+class _Meter:
+    """Real tokens and time of this attempt: overall, and after its first optimizer step (warm-up excluded)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.tokens = 0
+        self.steady_t0: float | None = None
+        self.steady_tokens = 0
+
+    def step(self, tokens: int) -> float:
+        now = time.monotonic()
+        self.tokens += tokens
+        if self.steady_t0 is None:
+            self.steady_t0 = now
+        else:
+            self.steady_tokens += tokens
+        return now
+
+    def rates(self, now: float) -> dict[str, float]:
+        seconds = now - self.t0
+        overall = self.tokens / max(seconds, 1e-9)
+        steady = self.steady_tokens / (now - self.steady_t0) if self.steady_tokens else overall
+        return {"tokens_per_s": overall, "steady_tokens_per_s": steady, "train_seconds": seconds}
+
+
+def _metrics(state: dict[str, Any], *, loss: float, meter: _Meter, now: float, chosen: dict[str, Any],
+             n_params: int, resumed: tuple[int, int], world: int) -> dict[str, Any]:
+    """What a checkpoint reports to Ray Train (and the driver writes to the train manifest)."""
+    import torch
+
+    rates = meter.rates(now)
+    out = {
+        "step": state["step"], "loss": loss, "steps": state["step"], "tokens": state["tokens"], **rates,
+        "initial_loss": state["losses"][0], "final_loss": loss, "losses": state["losses"],
+        "resumed_from_step": resumed[0], "optimizer_step_at_resume": resumed[1], "peak_rss_gib": _peak_rss_gib(),
+        "precision": chosen["precision"], "precision_reason": chosen["reason"], "n_params": n_params,
+        "world_size": world, "threads": torch.get_num_threads(),
+    }
+    if "peak_tflops" in chosen:
+        out["peak_matmul_tflops"] = chosen["peak_tflops"] * world
+        # Model FLOPs utilisation: 6 x params per trained token (attention not counted) over the measured peak.
+        out["mfu"] = round(6 * n_params * rates["steady_tokens_per_s"] / (out["peak_matmul_tflops"] * 1e12), 4)
+    return out
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train on this worker's shard until ``total_steps`` optimizer steps; checkpoint, export, report.
 
     Args:
-        config: ``model_path``, ``ds_config``, ``total_steps``, ``warmup_steps``, ``schedule``, ``packing``,
-            ``pad_id``, ``checkpoint_every``, ``log_every``, ``gradient_checkpointing``, ``autocast_bf16``,
-            ``use_gpu``, ``export_dtype``, ``seed`` (built by ``pipeline.train.train``).
+        config: a :class:`pipeline.schedule.WorkerConfig` as a dict (``WorkerConfig.as_dict``).
     """
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
-    from torch.optim.lr_scheduler import LambdaLR
-    from transformers import AutoModelForCausalLM
 
     from pipeline.tokenization import collate
-    from pipeline.train import lr_multiplier
 
+    wc = WorkerConfig(**config)
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    ds_config = config["ds_config"]
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    total = config["total_steps"]
-    torch.manual_seed(config["seed"])
-    device = torch.device(f"cuda:{ctx.get_local_rank()}") if config["use_gpu"] else torch.device("cpu")
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if wc.threads and not wc.use_gpu:
+        torch.set_num_threads(wc.threads)
+    torch.manual_seed(wc.seed)
+    device = torch.device(f"cuda:{ctx.get_local_rank()}") if wc.use_gpu else torch.device("cpu")
+    # Let DeepSpeed wrap Ray's process group now: HfDeepSpeedConfig (ZeRO-3) needs the world size.
+    deepspeed.init_distributed(dist_backend="nccl" if wc.use_gpu else "gloo", dist_init_required=False)
+    chosen = _choose_precision(wc, rank)
+    autocast = chosen["precision"] == "bf16" and not wc.use_gpu  # CPU: fp32 weights, bf16 matmuls
+    if rank == 0:
+        print(f"precision {chosen['precision']}: {chosen['reason']}", flush=True)
+    engine = _build(wc)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    state, *resumed = _resume(engine, rank)
 
-    # Let DeepSpeed wrap Ray's process group now: HfDeepSpeedConfig (below) needs the world size.
-    deepspeed.init_distributed(dist_backend="nccl" if config["use_gpu"] else "gloo", dist_init_required=False)
-    hf_ds = None
-    if zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: from_pretrained loads weights partitioned)
-    # sdpa: the 4-D block-diagonal packing mask is passed to it unchanged (see pipeline.tokenization).
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    if config["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    schedule = partial(lr_multiplier, total_steps=total, warmup_steps=config["warmup_steps"],
-                       schedule=config["schedule"])
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: LambdaLR(opt, schedule),
-    )
-
-    # ---- resume
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "losses": []}
-    resumed_from, opt_step_at_resume = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            path, client = engine.load_checkpoint(d, tag=_TAG)
-        if path is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint in {checkpoint.path}")
-        state = client["tgsft"]
-        resumed_from, opt_step_at_resume = engine.global_steps, _optimizer_step_count(engine)
-        if rank == 0:
-            print(f"resumed from step {resumed_from} (optimizer step {opt_step_at_resume})", flush=True)
-
-    # ---- loop
-    shard = ray.train.get_dataset_shard("train")
-    grad_accum = ds_config["gradient_accumulation_steps"]
-    batches = shard.iter_batches(batch_size=ds_config["train_micro_batch_size_per_gpu"], batch_format="numpy",
-                                 drop_last=True)
-    skip = engine.global_steps * grad_accum  # micro-batches consumed before the checkpoint
-    # Loss sum, micro-batches, tokens of the current optimizer step on this rank.
+    batches = ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=wc.micro_batch_size, batch_format="numpy", drop_last=True)
+    skip = engine.global_steps * wc.grad_accum  # micro-batches consumed before the checkpoint
+    # Loss sum, micro-batches, real tokens of the current optimizer step on this rank (one all-reduce per step).
     step_acc = torch.zeros(3, dtype=torch.float64, device=device)
-    run_tokens, t0 = 0, time.monotonic()
-    t_log, tok_log = t0, 0
+    meter = _Meter()
+    t_log, tok_log = meter.t0, 0
     for i, batch in enumerate(batches):
-        if engine.global_steps >= total:
+        if engine.global_steps >= wc.total_steps:
             break
         if i < skip:
             continue
-        arrays = collate(batch, pad_id=config["pad_id"], packed=config["packing"])
-        inputs = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config["autocast_bf16"]):
+        inputs = {k: torch.from_numpy(v).to(device) for k, v in
+                  collate(batch, pad_id=wc.pad_id, packed=wc.packing).items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = engine(**inputs).loss
         engine.backward(loss)
         engine.step()
-        step_acc += torch.tensor([loss.item(), 1.0, float(sum(len(r) for r in batch["input_ids"]))],
-                                 dtype=torch.float64, device=device)
+        step_acc[0] += loss.detach().double()  # no host sync per micro-batch
+        step_acc[1] += 1.0
+        step_acc[2] += float(sum(len(r) for r in batch["input_ids"]))
         if engine.global_steps == state["step"]:
             continue  # still accumulating gradients
         # An optimizer step finished: average the loss over ranks and micro-batches.
@@ -178,36 +268,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_acc.zero_()
         state["step"], state["tokens"] = step, state["tokens"] + tokens
         state["losses"].append(round(loss_avg, 5))
-        run_tokens += tokens
+        now = meter.step(tokens)
         tok_log += tokens
-        if rank == 0 and (step % config["log_every"] == 0 or step == total):
-            now = time.monotonic()
-            print(f"step {step}/{total} loss {loss_avg:.4f} lr {engine.get_lr()[0]:.2e} "
+        if rank == 0 and (step % wc.log_every == 0 or step == wc.total_steps):
+            print(f"step {step}/{wc.total_steps} loss {loss_avg:.4f} lr {engine.get_lr()[0]:.2e} "
                   f"tokens/s {tok_log / max(now - t_log, 1e-9):.0f}", flush=True)
             t_log, tok_log = now, 0
-        final = step >= total
-        if final or (config["checkpoint_every"] and step % config["checkpoint_every"] == 0):
-            seconds = time.monotonic() - t0
-            peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # ru_maxrss is in KiB on Linux
-            metrics = {
-                "step": step,
-                "loss": loss_avg,
-                "steps": step,
-                "tokens": state["tokens"],
-                "tokens_per_s": run_tokens / max(seconds, 1e-9),
-                "train_seconds": seconds,
-                "initial_loss": state["losses"][0],
-                "final_loss": loss_avg,
-                "losses": state["losses"],
-                "resumed_from_step": resumed_from,
-                "optimizer_step_at_resume": opt_step_at_resume,
-                "peak_rss_gib": round(peak.item(), 3),  # the largest worker process's peak resident memory
-            }
-            export = None
-            if final:
-                export = {"model_path": config["model_path"], "dtype_name": config["export_dtype"],
-                          "zero_stage": zero_stage}
+        final = step >= wc.total_steps
+        if final or (wc.checkpoint_every and step % wc.checkpoint_every == 0):
+            metrics = _metrics(state, loss=loss_avg, meter=meter, now=now, chosen=chosen, n_params=n_params,
+                               resumed=tuple(resumed), world=world)
+            export = ({"model_path": wc.model_path, "dtype_name": wc.export_dtype, "zero_stage": wc.zero_stage}
+                      if final else None)
             _save(engine, step=step, state=state, metrics=metrics, export=export, rank=rank)
-    if engine.global_steps < total:
-        raise RuntimeError(f"the data shard ran out after {engine.global_steps} of {total} steps")
+    if engine.global_steps < wc.total_steps:
+        raise RuntimeError(f"the data shard ran out after {engine.global_steps} of {wc.total_steps} steps")

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -135,12 +134,6 @@ def corpus_config(args, preset: str):
                        + list(args.gen_set))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- stages per arm
 
 
@@ -172,7 +165,7 @@ def run_eval(args, arm: str, model: Path, files: tuple[Path, Path]) -> dict:
     """Serve one arm's model, run ``pipeline.evaluate`` plus the domain NLL and the Wide-Tree retention probe."""
     from pipeline.data import load_examples
     from pipeline.evaluate import _heldout_dialogues, evaluate, retention_probe
-    from pipeline.serve import serving
+    from pipeline.serve import free_port, serving
 
     out = args.work_dir / "arms" / arm / f"result-{args.tag}.json"
     if out.is_file() and not args.force_eval:
@@ -183,7 +176,7 @@ def run_eval(args, arm: str, model: Path, files: tuple[Path, Path]) -> dict:
             log(f"{arm}: reusing {out}")
             return stored
         log(f"{arm}: {out} was scored with other eval settings; scoring again")
-    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1], port=_free_port())
+    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1], port=free_port())
     domain_rows = [{"dialogue_id": f"heldout-{i:04d}", "messages": m}
                    for i, m in enumerate(load_examples([files[1]], fmt="auto").examples)]
     probes = {name: args.work_dir / f"corpus_{name}" for name in PRESETS}

@@ -2,8 +2,9 @@
 
 Driver-side stages, one module each: ``config`` (typed settings), ``model`` (embedded model), ``chat`` (template
 probing), ``tree`` (pure tree logic), ``dedup``, ``corpus`` (Parquet + manifest), ``generate`` (tree generation),
-``data`` (domain loaders), ``mix``, ``tokenization`` (masks, packing), ``train``, ``serve``, ``evaluate``,
-``report``, ``domain`` (the built-in domain set), ``runtime`` (joining Ray),
+``quality`` / ``reference`` (corpus metrics, coverage reference), ``card`` (dataset card, Hub upload),
+``inspect_corpus`` (``tgsft inspect``), ``data`` (domain loaders), ``mix``, ``tokenization`` (masks, packing),
+``train``, ``serve``, ``evaluate``, ``report``, ``domain`` (the built-in domain set), ``runtime`` (joining Ray),
 ``run`` (end to end), ``cli``. Importing this package loads none of ray, vllm, torch or deepspeed.
 """
 

@@ -8,6 +8,8 @@ the schema lives in :mod:`pipeline.config`.
     tgsft serve [CONFIG]                # OpenAI-compatible endpoint for base and tuned models
     tgsft eval [CONFIG]                 # lm-eval against the endpoint -> <run>/eval
     tgsft report RUN_DIR                # forgetting report from stored eval results
+    tgsft inspect CORPUS [--compare C2] # corpus quality and coverage metrics -> inspect.{json,png}
+    tgsft push CORPUS REPO_ID           # upload a corpus and its dataset card to the Hugging Face Hub
     tgsft run [CONFIG]                  # all of the above, resumable
 """
 
@@ -70,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="run directory holding eval/")
     rep.add_argument("--out", help="output directory (default <run_dir>/report)")
 
+    ins = sub.add_parser("inspect", help="quality and knowledge-coverage metrics of a TG corpus (-> inspect.json/png)")
+    ins.add_argument("corpus", help="corpus directory (e.g. runs/local/corpus)")
+    ins.add_argument("--compare", metavar="CORPUS2", help="a second corpus directory, shown side by side")
+    ins.add_argument("--reference", metavar="FILE_OR_DIR",
+                     help="reference questions for coverage: .txt (one per line), .json/.jsonl rows, or an eval data "
+                          "directory (default: the tgsft_general questions)")
+    ins.add_argument("--threshold", type=float, default=None,
+                     help="cosine at or above which a reference question counts as covered (default 0.5)")
+    ins.add_argument("--out", help="output directory for inspect.json and inspect.png (default: the corpus)")
+
+    push = sub.add_parser("push", help="upload a corpus with its dataset card to the Hugging Face Hub")
+    push.add_argument("corpus", help="complete corpus directory")
+    push.add_argument("repo_id", help="dataset repository, owner/name (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+
     run = sub.add_parser("run", help="generate, mix, train, serve, eval and report in one resumable run")
     _add_config(run)
     return ap
@@ -108,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.report import write_report
 
             write_report(Path(args.run_dir), out_dir=Path(args.out) if args.out else None)
+            return 0
+        if args.command == "inspect":
+            from pipeline.inspect_corpus import inspect_corpora
+            from pipeline.quality import COVERAGE_THRESHOLD
+
+            corpora = [Path(args.corpus), *([Path(args.compare)] if args.compare else [])]
+            inspect_corpora(corpora, reference=args.reference, out_dir=Path(args.out) if args.out else None,
+                            threshold=COVERAGE_THRESHOLD if args.threshold is None else args.threshold)
+            return 0
+        if args.command == "push":
+            from pipeline.card import push_corpus
+
+            push_corpus(Path(args.corpus), args.repo_id, private=args.private)
             return 0
 
         cfg = load_config(args.config, overrides=args.overrides)

@@ -1,11 +1,13 @@
 """Typed configuration for every tgsft stage.
 
 One YAML file holds one :class:`TGConfig`. Every section is a pydantic model with ``extra="forbid"``, so an
-unknown key is an error, and validators name the key path, the bad value and what is allowed. All errors of a
-file are reported at once (:class:`ConfigError`).
+unknown key is an error, and validators name the key path, the bad value and what is allowed; rules across fields
+(fp16 needs GPUs, parameter offload needs ZeRO-3, one GPU per tensor-parallel rank) are checked at load time too.
+All errors of a file are reported at once (:class:`ConfigError`).
 
 Tree presets (``tree.preset: balance``) are YAML files in ``pipeline/presets/``; explicit ``branching`` /
-``max_new_tokens`` in the config override them.
+``max_new_tokens`` in the same file override them. Overrides apply in order, later ones win: ``-o tree.preset=wide``
+replaces the layer lists set before it (the file's included), ``-o tree.branching=...`` after it refines it.
 
 Importing this module is cheap: it pulls in pydantic and yaml only.
 """
@@ -20,12 +22,14 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
     "ConfigError",
     "TGConfig",
     "config_hash",
     "load_config",
+    "model_folder_problem",
     "PRESET_DIR",
 ]
 
@@ -36,8 +40,28 @@ class ConfigError(ValueError):
     """A configuration file or value is invalid; the message lists every problem with its key path."""
 
 
+def model_folder_problem(source: str) -> str | None:
+    """Why a model source cannot load: a local path (starting with '/', '.' or '~') that holds no Hugging Face model.
+
+    Returns:
+        The reason, or None for a model folder or anything else (a hub id, 'embedded').
+    """
+    if source.startswith(("/", ".", "~")) and not (Path(source).expanduser() / "config.json").is_file():
+        return f"{source} is not a Hugging Face model folder (no config.json)"
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def _reject(self, problems: list[tuple[str, str]]) -> None:
+        """Raise one error per ``(field, message)`` pair, each at its own key path, so all are reported together."""
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=(field,),
+                                 input=getattr(self, field))
+                for field, msg in problems
+            ])
 
 
 # ----------------------------------------------------------------------------- model and engines
@@ -54,13 +78,17 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own Python code.")
     max_model_len: int = Field(2048, ge=64, description="Context length (tokens) for engines and training.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Engine and Serve dtype. auto: on CPU bfloat16 or float32, whichever this CPU multiplies faster "
+        "(measured where the engine starts); on GPU the checkpoint's dtype. Exports are bfloat16 unless set.",
+    )
 
     @field_validator("source")
     @classmethod
     def _existing_folder(cls, v: str) -> str:
-        if v.startswith(("/", ".", "~")) and not (Path(v).expanduser() / "config.json").is_file():
-            raise ValueError(f"{v} is not a Hugging Face model folder (no config.json there)")
+        if problem := model_folder_problem(v):
+            raise ValueError(problem)
         return v
 
 
@@ -78,6 +106,15 @@ class EngineConfig(_Section):
     max_num_seqs: int = Field(128, ge=1, description="Sequences one engine schedules at once.")
     batch_size: int = Field(256, ge=1, description="Rows per Ray Data batch sent to an engine.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> "EngineConfig":
+        gpus, tp = self.gpus_per_replica, self.tensor_parallel_size
+        if gpus > 0 and gpus != tp and not (tp == 1 and gpus < 1):
+            self._reject([("gpus_per_replica", f"one GPU per tensor-parallel rank: must equal "
+                           f"engine.tensor_parallel_size ({tp}), or 0 on CPU, or a fraction below 1 when "
+                           "tensor_parallel_size is 1")])
+        return self
 
 
 # ----------------------------------------------------------------------------- tree generation
@@ -127,7 +164,8 @@ class TreeConfig(_Section):
     preset: str | None = Field(
         "balance",
         description="Name of a file in pipeline/presets/ (balance, wide, deep) giving branching and lengths; "
-        "explicit branching / max_new_tokens override it; null: give both lists.",
+        "explicit branching / max_new_tokens override it; a preset set by an override (-o tree.preset=...) "
+        "replaces the lists set before it; null: give both lists.",
     )
     branching: list[int] = Field(
         default_factory=list, description="N_i: children per kept node at layer i (question, answer, ...)."
@@ -217,7 +255,11 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU (stage >= 1).")
     offload_param: bool = Field(False, description="ZeRO-Offload of parameters to CPU (stage 3 only).")
-    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="bf16 uses autocast on CPU.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="auto: on CPU the faster of bf16 and fp32, measured in the worker at start (bf16 wins by ~7x "
+        "with AMX, loses by ~60x on AVX2-only CPUs), on GPU bf16. bf16 uses autocast over fp32 weights on CPU.",
+    )
     max_seq_len: int = Field(512, ge=16, description="Tokens per example after truncation.")
     packing: bool = Field(False, description="Pack several examples per row; attention never crosses them.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per worker per step.")
@@ -241,6 +283,18 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may try (-1 = unlimited).")
     seed: int = Field(0, description="Training seed.")
     log_every: int = Field(1, ge=1, description="Steps between loss / tokens-per-second log lines.")
+
+    @model_validator(mode="after")
+    def _check_deepspeed(self) -> "TrainConfig":
+        problems = []
+        if self.precision == "fp16" and not self.use_gpu:
+            problems.append(("precision", "fp16 needs GPUs (train.use_gpu: true); on CPU use bf16 or fp32"))
+        if self.offload_param and self.zero_stage != 3:
+            problems.append(("offload_param", f"parameter offload needs train.zero_stage: 3, not {self.zero_stage}"))
+        if self.offload_optimizer and self.zero_stage == 0:
+            problems.append(("offload_optimizer", "optimizer offload needs train.zero_stage: 1, 2 or 3, not 0"))
+        self._reject(problems)
+        return self
 
 
 # ----------------------------------------------------------------------------- serving and evaluation
@@ -280,13 +334,38 @@ class EvalConfig(_Section):
     num_fewshot: int | None = Field(
         None, ge=0, description="Few-shot examples per item; None: each task's default (0 for most, 5 for gsm8k)."
     )
-    num_concurrent: int = Field(4, ge=1, description="Parallel requests to the endpoint.")
+    num_concurrent: int = Field(
+        16, ge=1, description="Parallel requests to the endpoint; the engine batches concurrent requests itself."
+    )
     batch_size: int = Field(
-        8, ge=1, description="lm-eval requests per HTTP call (vLLM batches them; fewer round trips through Serve)."
+        1, ge=1, description="lm-eval requests per HTTP call; 1 with many concurrent calls was the fastest through "
+        "Serve on CPU."
     )
     domain: DomainTaskConfig = Field(default_factory=DomainTaskConfig, description="The run's domain task.")
     retention_dialogues: int = Field(
         32, ge=0, description="Held-out TG dialogues (never trained on) for the retention probe; 0 disables it."
+    )
+    noise_floor_concurrent: int = Field(
+        8, ge=0, description="Score base a second time (lm-eval tasks and the retention probe) with this many "
+        "parallel requests: the engine's numerics change with batching, and this A/A comparison is the noise floor "
+        "shown beside every delta; 0 skips it."
+    )
+    kl_prompts: int = Field(
+        0, ge=0, le=32, description="Built-in generic dialogues (pipeline/probes.py, 32 in all) on which "
+        "KL(base || model) of the next-token distributions is measured; 0 disables the probe. It loads every model "
+        "in fp32 on the driver's CPU (seconds for the embedded 135M model, too much memory for multi-billion ones)."
+    )
+    reference_text: str | None = Field(
+        None, description="Human-written held-out text whose NLL every model gets: a .jsonl/.json/.parquet file of "
+        "dialogues (any data.format) or a plain-text file (paragraphs split at blank lines)."
+    )
+
+
+class RunConfig(_Section):
+    control: Literal["none", "domain_only"] = Field(
+        "none", description="'domain_only': `tgsft run` also trains a control model on the domain data alone (same "
+        "data, epochs, learning-rate schedule and seed; mix.tg_ratio 0), serves and evaluates it beside base and "
+        "tuned, and the report credits TG with the share of the control's forgetting it prevented."
     )
 
 
@@ -309,6 +388,7 @@ class TGConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("output_root")
@@ -351,7 +431,8 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
 
     Args:
         path: YAML file; None gives the defaults (the embedded local run).
-        overrides: ``section.key=value`` strings; values are parsed as YAML (``tree.branching=[2,1]``).
+        overrides: ``section.key=value`` strings, applied in order; values are parsed as YAML
+            (``tree.branching=[2,1]``). ``tree.preset=NAME`` drops the layer lists set before it.
 
     Returns:
         The validated config.
@@ -377,6 +458,9 @@ def load_config(path: str | os.PathLike | None = None, *, overrides: list[str] |
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        if key.strip() == "tree.preset":  # a preset chosen later replaces the layer lists set before it
+            for name in ("branching", "max_new_tokens"):
+                data["tree"].pop(name, None)
     try:
         return TGConfig.model_validate(data)
     except ValidationError as e:

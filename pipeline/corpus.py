@@ -3,10 +3,15 @@ held-out slice of dialogues kept for the retention probe.
 
 Layout of a corpus directory::
 
-    manifest.json                      config hash, model, per-level counts, tokens, timings
-    nodes/level=01/part-00000.parquet  every generated node (kept and dropped), NODE_SCHEMA
-    nodes/level=01/_SUCCESS            the level is complete (JSON: counts)
+    manifest.json                      config hash, model, per-level counts, tokens, timings, quality metrics
+    nodes/level_01/part-00000.parquet  every generated node (kept and dropped), NODE_SCHEMA
+    nodes/level_01/_SUCCESS            the level is complete (JSON: counts)
     dialogues/part-00000.parquet       one row per root-to-leaf path, DIALOGUE_SCHEMA
+    README.md                          dataset card (see :mod:`pipeline.card`)
+    inspect.json, inspect.png          written by ``tgsft inspect`` (default output directory)
+
+Level folders are ``level_NN``, not Hive-style ``level=NN``: the rows carry ``level`` themselves, and a Hive folder
+name would make pandas / pyarrow derive a second, conflicting ``level`` column from the path.
 
 Every file is written under a temporary name and renamed, so a crash never leaves a file that looks complete, and a
 level directory exists only once all of its parts are written.
@@ -26,8 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 __all__ = [
+    "DIALOGUE_FILES",
     "DIALOGUE_SCHEMA",
     "MESSAGE_TYPE",
+    "NODE_FILES",
     "NODE_SCHEMA",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -36,6 +43,7 @@ __all__ = [
     "read_dialogues",
     "read_json",
     "read_level",
+    "read_nodes",
     "write_level",
     "write_table",
 ]
@@ -156,8 +164,14 @@ def write_table(table: pa.Table, directory: Path, *, shard_rows: int, marker: di
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Glob patterns of the Parquet parts, relative to a corpus directory (for dataset cards and uploads).
+NODE_FILES = "nodes/level_*/part-*.parquet"
+DIALOGUE_FILES = "dialogues/part-*.parquet"
+
+
 def level_dir(out_dir: Path, level: int) -> Path:
-    return out_dir / "nodes" / f"level={level:02d}"
+    """The folder of one level's node parts (``<out_dir>/nodes/level_NN``)."""
+    return Path(out_dir) / "nodes" / f"level_{level:02d}"
 
 
 def write_level(out_dir: Path, level: int, table: pa.Table, *, shard_rows: int, stats: dict) -> None:
@@ -173,6 +187,21 @@ def read_level(out_dir: Path, level: int) -> tuple[pa.Table, dict] | None:
         return None
     table = pa.concat_tables([pq.read_table(d / p, schema=NODE_SCHEMA) for p in marker["parts"]])
     return table, marker
+
+
+def read_nodes(corpus_dir: Path) -> pa.Table:
+    """Every node of the completed levels of a corpus, level 1 first.
+
+    Raises:
+        FileNotFoundError: the corpus has no completed level.
+    """
+    tables, level = [], 1
+    while (done := read_level(corpus_dir, level)) is not None:
+        tables.append(done[0])
+        level += 1
+    if not tables:
+        raise FileNotFoundError(f"{level_dir(corpus_dir, 1)}: no completed level; run `tgsft generate` first")
+    return pa.concat_tables(tables)
 
 
 def read_dialogues(corpus_dir: Path) -> pa.Table:

@@ -16,7 +16,6 @@ reproduced) are added. Writes: ``train.jsonl`` and ``eval.jsonl`` under ``out_di
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from collections import Counter
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.corpus import atomic_write_text
+from pipeline.stats import mean_stderr
 
 __all__ = ["INSTRUCTION", "build_domain", "parse_json_object", "score_item", "score_items", "split_reference",
            "token_f1"]
@@ -166,8 +166,6 @@ def score_items(predictions: list[str], references: list[str]) -> dict[str, dict
     names = set.intersection(*(set(s) for s in per_item)) if per_item else set()
     out = {}
     for name in sorted(names):
-        xs = [s[name] for s in per_item]
-        mean = sum(xs) / len(xs)
-        var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
-        out[name] = {"value": mean, "stderr": math.sqrt(var / len(xs)), "higher_is_better": True}
+        mean, se = mean_stderr([s[name] for s in per_item])
+        out[name] = {"value": mean, "stderr": se, "higher_is_better": True}
     return out

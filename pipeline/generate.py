@@ -1,7 +1,8 @@
 """Tree generation: the model decompresses its own knowledge into a dialogue corpus, level by level.
 
 Reads: the model (``model.source``) and the ``tree`` / ``engine`` config. Writes: a corpus directory (see
-:mod:`pipeline.corpus`): ``nodes/level=NN/`` per level, ``dialogues/`` and ``manifest.json``.
+:mod:`pipeline.corpus`): ``nodes/level_NN/`` per level, ``dialogues/``, ``manifest.json`` (with the quality metrics of
+:mod:`pipeline.quality`) and the dataset card ``README.md`` (:mod:`pipeline.card`).
 
 Each level's children are a Ray Dataset whose ``map_batches`` routes rows to a pool of vLLM engine actors. The pool
 is started once per run (not per level) and whole subtrees go to the same engine (rows are routed by their level-1
@@ -20,7 +21,9 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from pipeline import chat, tree
-from pipeline.config import EngineConfig, ModelConfig, TGConfig, config_hash
+from pipeline.cachekey import stage_key
+from pipeline.card import write_card
+from pipeline.config import EngineConfig, ModelConfig, TGConfig
 from pipeline.corpus import (
     DIALOGUE_SCHEMA,
     NODE_SCHEMA,
@@ -30,6 +33,7 @@ from pipeline.corpus import (
     write_level,
     write_table,
 )
+from pipeline.quality import measure_generated
 
 __all__ = ["check_output", "engine_options", "generate"]
 
@@ -124,34 +128,35 @@ def _prompt(kind: str, render: chat.Render, system: list[dict], path: tuple, pt_
     return chat.question_prompt(render, history) if kind == "question" else chat.answer_prompt(render, history)
 
 
-def check_output(cfg: TGConfig, out_dir: Path, *, overwrite: bool = False) -> tuple[str, dict | None]:
-    """The corpus hash of ``cfg`` and the manifest in ``out_dir`` to resume from (None: a fresh start).
+def check_output(
+    cfg: TGConfig, out_dir: Path, *, overwrite: bool = False, hint: str = "use --overwrite or another --out"
+) -> tuple[str, dict | None]:
+    """The corpus key of ``cfg`` (:func:`pipeline.cachekey.stage_key` of ``model``, ``engine`` and ``tree``) and the
+    manifest in ``out_dir`` to resume from (None: a fresh start).
+
+    Args:
+        cfg: the run config.
+        out_dir: the corpus directory.
+        overwrite: remove an ``out_dir`` that holds something else or another config's corpus.
+        hint: how the caller's user gets past such a directory (the default names ``tgsft generate``'s flags).
 
     Raises:
-        ValueError: ``out_dir`` holds something else or another config's corpus, and ``overwrite`` is off
-            (with ``overwrite`` it is removed).
+        ValueError: ``out_dir`` holds something else or another config's corpus, and ``overwrite`` is off.
     """
-    digest = config_hash({"model": cfg.model.source, "tree": cfg.tree.model_dump(mode="json")})
-    return digest, _previous(out_dir, digest, overwrite)
-
-
-def _previous(out_dir: Path, digest: str, overwrite: bool) -> dict | None:
+    digest = stage_key(cfg, "model", "engine", "tree")
     manifest = read_json(out_dir / "manifest.json")
-    if manifest is None:
-        if out_dir.exists() and any(out_dir.iterdir()):
-            if not overwrite:
-                raise ValueError(f"{out_dir} is not empty and holds no tgsft manifest; use --overwrite or another --out")
-            shutil.rmtree(out_dir)
-        return None
-    if manifest.get("config_hash") != digest:
-        if not overwrite:
-            raise ValueError(
-                f"{out_dir} holds a corpus made with another config (hash {manifest.get('config_hash')}, this "
-                f"config {digest}); rerun with --overwrite to replace it, or choose another output directory"
-            )
-        shutil.rmtree(out_dir)
-        return None
-    return manifest
+    if manifest is not None and manifest.get("config_hash") == digest:
+        return digest, manifest
+    if manifest is not None:
+        problem = f"holds a corpus made with another config (hash {manifest.get('config_hash')}, this config {digest})"
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        problem = "is not empty and holds no tgsft manifest"
+    else:
+        return digest, None
+    if not overwrite:
+        raise ValueError(f"{out_dir} {problem}; {hint}")
+    shutil.rmtree(out_dir)
+    return digest, None
 
 
 def generate(
@@ -212,7 +217,7 @@ def generate(
     }
     atomic_write_text(out_dir / "manifest.json", _dumps(manifest))
 
-    init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
+    ray = init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
     own_engines = engines is None
     dedup_state = _Dedup(tcfg.dedup, actor=embedder)
     if any(layer.kind == "question" for layer in layers):
@@ -232,7 +237,9 @@ def generate(
                     t0 = time.monotonic()
                     engines = start_engines(model_path, **engine_options(cfg.model, cfg.engine))
                     manifest["engine_start_seconds"] = round(time.monotonic() - t0, 2)
-                    log(f"engines: {len(engines)} started in {manifest['engine_start_seconds']} s (once per run)")
+                    manifest["engine"] = ray.get(engines[0].describe.remote())
+                    log(f"engines: {len(engines)} started in {manifest['engine_start_seconds']} s (once per run), "
+                        f"dtype {manifest['engine']['dtype']} ({manifest['engine']['dtype_reason']})")
                 rows, stats = _generate_level(
                     layer, paths, engines=engines, render=render, system=system, pt_root=pt_root,
                     fmt=fmt, cfg=cfg, dedup=dedup_state,
@@ -255,6 +262,9 @@ def generate(
     write_table(table, out_dir / "dialogues", shard_rows=tcfg.shard_rows)
     manifest.update(status="complete", dialogues=table.num_rows, seconds=round(time.monotonic() - t_run, 2))
     manifest["totals"] = _totals(manifest["levels"])
+    manifest["quality"] = measure_generated(out_dir, embedder=tcfg.dedup.embedder, actor=embedder,
+                                            tasks=cfg.eval.tasks, data_dir=cfg.eval.data_dir, log=log)
+    write_card(out_dir, manifest)  # before the manifest says "complete": a complete corpus always has its card
     atomic_write_text(out_dir / "manifest.json", _dumps(manifest))
     log(f"generate: {table.num_rows} dialogues -> {out_dir}")
     return manifest

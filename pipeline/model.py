@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.config import model_folder_problem
 from pipeline.corpus import atomic_write_text
 
 __all__ = ["EMBEDDED", "cache_dir", "embedded_gguf", "embedder_path", "prepare_embedded", "resolve_model"]
@@ -131,9 +132,8 @@ def resolve_model(source: str, *, cache: str | None = None, log=print) -> str:
     """
     if source == EMBEDDED:
         return str(prepare_embedded(cache=cache, log=log))
+    if problem := model_folder_problem(source):
+        raise FileNotFoundError(f"model.source: {problem}")
     if source.startswith(("/", ".", "~")):
-        path = Path(source).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.source: {source} is not a Hugging Face model folder (no config.json)")
-        return str(path.resolve())
+        return str(Path(source).expanduser().resolve())
     return source

@@ -1,12 +1,27 @@
-"""Forgetting report: how much general ability each tuned model keeps, beside what it gained on the domain.
+"""Forgetting report: what each tuned model gained on the domain, what it forgot, and what the TG mix saved.
 
     tgsft report runs/NAME            # -> runs/NAME/report/{report.json, report.md, report.png}
 
-Reads only the stored eval results ``<run>/eval/*.json`` (one per model id; ``base`` is the reference, every other
-id is a tuned variant), so the report can be rebuilt at any time. For every task and metric it lists base, each
-variant, the delta (variant - base), retention % and standard errors. Retention % is variant/base for
-higher-is-better metrics and base/variant for lower-is-better ones (the retention probe's NLL and perplexity), so
-100 % always means "nothing forgotten".
+Reads only the stored eval results ``<run>/eval/*.json`` (one per model id), so the report can be rebuilt at any
+time. Model ids with a role: ``base`` is the reference, ``base_repeat`` is base scored a second time (the A/A noise
+floor), ``domain_only`` is the control arm trained on the domain data alone; every other id is a tuned variant.
+
+- ``rows``: every task and metric with base, each arm, the delta (arm - base), retention % (arm/base for
+  higher-is-better metrics, base/arm for lower-is-better ones, so 100 % means "nothing forgotten") and stderrs.
+- ``comparisons``: every delta computed on the same items (paired by item id): mean difference, paired standard
+  error, seeded paired bootstrap 95 % interval, n, an exact McNemar p-value for 0/1 metrics, and the A/A delta of
+  the same task and metric (``noise_floor``). References are ``base`` for every arm and ``domain_only`` for the TG
+  arms.
+- ``prevented``: the share of domain-only's drop that the TG arm avoided (:func:`pipeline.stats.prevented_share`),
+  per general task and measure, and pooled over the general tasks for the headline measure: the gold answer's
+  log-probability per byte, a continuous score that moves before accuracy does (accuracy and KL shares are listed
+  too). Nothing is credited when domain-only did not forget measurably: its drop's 95 % interval includes 0 or the
+  drop is within the A/A noise floor.
+- ``resolution``: per general task, the smallest accuracy change the paired comparison resolves at 2 sigma, and
+  whether that reaches 3 points.
+
+The held-out-TG probe is the base model's own output, so it favours every arm trained on TG text; the KL probe on
+built-in generic dialogues and the NLL on user-supplied reference text do not.
 """
 
 from __future__ import annotations
@@ -18,10 +33,26 @@ from typing import Any
 
 from pipeline.corpus import atomic_write_bytes, atomic_write_text
 
-__all__ = ["BASE_ID", "build_report", "write_report"]
+__all__ = ["AA_ID", "BASE_ID", "CONTROL_ID", "build_report", "write_report"]
 
 BASE_ID = "base"
-_PRIMARY = ("acc", "exact_match,strict-match", "nll")  # the metric a task is summarised by, first match wins
+AA_ID = "base_repeat"
+CONTROL_ID = "domain_only"
+_PRIMARY = ("acc", "exact_match,strict-match", "nll", "kl")  # the metric a task is summarised by, first match wins
+HEADLINE_METRIC = "gold_logprob_per_byte"
+BOOTSTRAP_ITERS = 2000
+SEED = 0
+RESOLVE = 0.03  # the accuracy change (3 points) the general measure should resolve at 2 sigma
+_TITLES = {
+    "general": "General benchmarks",
+    "drift": "KL(base || arm) on built-in generic dialogues (nats per token, lower is closer to base)",
+    "reference": "NLL on the user's reference text (lower is better)",
+    "retention": "Held-out TG dialogues (NLL, lower is better; biased towards arms trained on TG text)",
+    "domain": "Domain task",
+}
+
+_SHORT = {"general": "general (higher is better)", "drift": "KL(base || arm)", "reference": "reference-text NLL",
+          "retention": "held-out TG NLL\n(biased to TG arms)", "domain": "domain"}
 
 
 def _load(eval_dir: Path) -> dict[str, dict]:
@@ -37,13 +68,25 @@ def _load(eval_dir: Path) -> dict[str, dict]:
     return results
 
 
-def _sections(result: dict) -> dict[tuple[str, str], dict[str, dict]]:
-    """``{(section, task): {metric: {"value", "stderr", "higher_is_better"}}}`` of one model's results."""
-    out = {("general", task): r["metrics"] for task, r in result.get("tasks", {}).items()}
+def _sections(result: dict) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(section, task): {"metrics": {metric: {...}}, "items": {"ids", metric: [...]} or None}}`` of a result."""
+    out = {("general", task): {"metrics": r["metrics"], "items": r.get("items")}
+           for task, r in result.get("tasks", {}).items()}
+    if "kl" in result:
+        kl = result["kl"]
+        out[("drift", "generic_dialogues")] = {
+            "metrics": {"kl": {k: kl[k] for k in ("value", "stderr", "higher_is_better")}},
+            "items": {"ids": kl["items"]["ids"], "kl": kl["items"]["values"]}}
+    if "reference_nll" in result:
+        ref = result["reference_nll"]
+        out[("reference", "reference_text")] = {
+            "metrics": {"nll": {k: ref[k] for k in ("value", "stderr", "higher_is_better")}},
+            "items": {"ids": ref["items"]["ids"], "nll": ref["items"]["values"]}}
     if "retention" in result:
-        out[("retention", "tg_heldout")] = result["retention"]["metrics"]
+        out[("retention", "tg_heldout")] = {"metrics": result["retention"]["metrics"],
+                                            "items": result["retention"].get("items")}
     if "domain" in result:
-        out[("domain", "domain")] = result["domain"]["metrics"]
+        out[("domain", "domain")] = {"metrics": result["domain"]["metrics"], "items": result["domain"].get("items")}
     return out
 
 
@@ -61,49 +104,206 @@ def _primary(metrics: dict[str, Any], preferred: str | None = None) -> str:
     return sorted(metrics)[0]
 
 
-def build_report(results: dict[str, dict]) -> dict[str, Any]:
-    """Rows and per-variant summary from ``{model_id: eval result}`` (``base`` included).
-
-    Returns:
-        ``{"base", "variants", "rows": [...], "summary": {variant: {...}}}``; each row holds one (task, metric)
-        with ``base`` and per-variant ``value``, ``stderr``, ``delta`` and ``retention_pct``.
-    """
-    variants = sorted(m for m in results if m != BASE_ID)
+def _rows(results: dict[str, dict], arms: list[str]) -> list[dict]:
     base_sections = _sections(results[BASE_ID])
     domain_primary = results[BASE_ID].get("domain", {}).get("primary")
     rows = []
-    for (section, task), metrics in base_sections.items():
+    for (section, task), sec in base_sections.items():
+        metrics = sec["metrics"]
         primary = _primary(metrics, domain_primary if section == "domain" else None)
         for metric, b in sorted(metrics.items()):
             row = {"section": section, "task": task, "metric": metric, "primary": metric == primary,
                    "higher_is_better": b.get("higher_is_better", True),
                    "base": {"value": b["value"], "stderr": b.get("stderr")}, "variants": {}}
-            for v in variants:
-                m = _sections(results[v]).get((section, task), {}).get(metric)
+            for v in arms:
+                m = _sections(results[v]).get((section, task), {}).get("metrics", {}).get(metric)
                 value = m["value"] if m else None
                 row["variants"][v] = {
                     "value": value, "stderr": m.get("stderr") if m else None,
                     "delta": None if value is None else value - b["value"],
-                    # the domain is meant to change: its rows report the gain (delta), not a retention
-                    "retention_pct": None if section == "domain" else _retention_pct(b["value"], value,
-                                                                                     row["higher_is_better"]),
+                    # the domain is meant to change and KL is relative to base already: no retention there
+                    "retention_pct": None if section in ("domain", "drift") else _retention_pct(
+                        b["value"], value, row["higher_is_better"]),
                 }
             rows.append(row)
+    return rows
+
+
+def _paired(results: dict[str, dict], variant: str, reference: str) -> list[dict]:
+    """Paired comparisons of ``variant`` against ``reference`` on every task and metric both scored per item."""
+    from pipeline.stats import align, mcnemar_exact, paired_diff
+
+    ref_sections, var_sections = _sections(results[reference]), _sections(results[variant])
+    out = []
+    for (section, task), ref in ref_sections.items():
+        var = var_sections.get((section, task))
+        if not var or not ref["items"] or not var["items"]:
+            continue
+        for metric, m in sorted(ref["metrics"].items()):
+            if metric not in ref["items"] or metric not in var["items"]:
+                continue
+            _, a, b = align(ref["items"]["ids"], ref["items"][metric], var["items"]["ids"], var["items"][metric])
+            if not a.size:
+                continue
+            d = paired_diff(a, b, iters=BOOTSTRAP_ITERS, seed=SEED)
+            binary = all(x in (0.0, 1.0) for x in (*a, *b))
+            out.append({"variant": variant, "reference": reference, "section": section, "task": task,
+                        "metric": metric, "higher_is_better": m.get("higher_is_better", True), "delta": d["delta"],
+                        "se": d["se"], "ci95": d["ci95"], "n": d["n"], "paired": True,
+                        "p_value": mcnemar_exact(a, b) if binary else None})
+    return out
+
+
+def _kl_vs_base(results: dict[str, dict], variant: str) -> list[dict]:
+    """KL(base || variant) is itself a difference from base: its comparison is the mean KL with a bootstrap CI."""
+    from pipeline.stats import paired_diff
+
+    kl = results[variant].get("kl")
+    if not kl or not kl["items"]["values"]:
+        return []
+    values = kl["items"]["values"]
+    d = paired_diff([0.0] * len(values), values, iters=BOOTSTRAP_ITERS, seed=SEED)
+    return [{"variant": variant, "reference": BASE_ID, "section": "drift", "task": "generic_dialogues",
+             "metric": "kl", "higher_is_better": False, "delta": d["delta"], "se": d["se"], "ci95": d["ci95"],
+             "n": d["n"], "paired": True, "p_value": None}]
+
+
+def _comparisons(results: dict[str, dict], arms: list[str]) -> list[dict]:
+    comps = []
+    if AA_ID in results:
+        comps += _paired(results, AA_ID, BASE_ID)
+    floor = {(c["section"], c["task"], c["metric"]): c for c in comps}
+    for v in arms:
+        comps += [c for c in _paired(results, v, BASE_ID) if c["section"] != "drift"] + _kl_vs_base(results, v)
+    if CONTROL_ID in arms:
+        comps += [c for v in arms if v != CONTROL_ID for c in _paired(results, v, CONTROL_ID)]
+    for c in comps:
+        aa = floor.get((c["section"], c["task"], c["metric"]))
+        if c["variant"] == AA_ID:
+            c["noise_floor"] = None
+        elif c["section"] == "drift":  # computed locally in fp32, one sequence at a time: no batching noise
+            c["noise_floor"] = {"delta": 0.0, "ci95": [0.0, 0.0], "exact": True}
+        else:
+            c["noise_floor"] = {"delta": aa["delta"], "ci95": aa["ci95"]} if aa else None
+    return comps
+
+
+def _aligned_triples(results: dict[str, dict], section: str, task: str, metric: str, variant: str) -> tuple | None:
+    """(base, control, variant) per-item arrays on the items all three scored, or None."""
+    import numpy as np
+
+    if section == "drift":  # KL: base is 0 against itself
+        c, v = results[CONTROL_ID].get("kl"), results[variant].get("kl")
+        if not c or not v:
+            return None
+        vmap = dict(zip(v["items"]["ids"], v["items"]["values"]))
+        pairs = [(x, vmap[i]) for i, x in zip(c["items"]["ids"], c["items"]["values"]) if i in vmap]
+        return (np.zeros(len(pairs)), np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])) \
+            if pairs else None
+    secs = [_sections(results[m]).get((section, task)) for m in (BASE_ID, CONTROL_ID, variant)]
+    if any(s is None or not s["items"] or metric not in s["items"] for s in secs):
+        return None
+    maps = [dict(zip(s["items"]["ids"], s["items"][metric])) for s in secs]
+    ids = [i for i in secs[0]["items"]["ids"] if i in maps[1] and i in maps[2]]
+    return tuple(np.array([m[i] for i in ids], dtype=float) for m in maps) if ids else None
+
+
+def _prevented(results: dict[str, dict], arms: list[str], comps: list[dict]) -> dict | None:
+    """Share of domain-only's drop the first TG arm prevented: headline (pooled) plus per task and measure."""
+    from pipeline.stats import prevented_share
+
+    tg_arms = [v for v in arms if v != CONTROL_ID]
+    if CONTROL_ID not in arms or not tg_arms:
+        return None
+    variant = tg_arms[0]
+    floor = {(c["section"], c["task"], c["metric"]): c["delta"] for c in comps if c["variant"] == AA_ID}
+    general = [t for s, t in _sections(results[BASE_ID]) if s == "general"]
+
+    def measure(tasks: list[tuple[str, str]], metric: str, higher: bool) -> dict | None:
+        triples = [t for t in (_aligned_triples(results, s, task, metric, variant) for s, task in tasks) if t]
+        if not triples:
+            return None
+        out = prevented_share(triples, higher_is_better=higher, iters=BOOTSTRAP_ITERS, seed=SEED)
+        aa = sum(abs(floor.get((s, task, metric), 0.0)) for s, task in tasks)
+        lo = out["control_drop_ci95"][0]
+        out["control_forgot"] = bool(lo > 0 and out["control_drop"] > aa)
+        out["noise_floor"] = aa
+        return {"variant": variant, "task": "+".join(t for _, t in tasks) if len(tasks) > 1 else tasks[0][1],
+                "metric": metric, "higher_is_better": higher, **out}
+
+    by_measure = []
+    for metric in (HEADLINE_METRIC, "acc"):
+        per_task = [m for t in general if (m := measure([("general", t)], metric, True))]
+        by_measure += per_task
+        if len(per_task) > 1:
+            by_measure.append(measure([("general", t) for t in general], metric, True))
+    kl = measure([("drift", "generic_dialogues")], "kl", False)
+    by_measure += [kl] if kl else []
+    if not by_measure:
+        return None
+    pooled = [m for m in by_measure if m["metric"] == HEADLINE_METRIC and "+" in m["task"]]
+    single = [m for m in by_measure if m["metric"] == HEADLINE_METRIC]
+    head = (pooled or single or by_measure)[0]
+    if head["control_forgot"]:
+        statement = (f"The TG mix prevented {100 * head['share']:.0f} % of domain-only's drop in {head['metric']} "
+                     f"on {head['task']}" + (f" (95 % CI {100 * head['ci95'][0]:.0f} % to {100 * head['ci95'][1]:.0f} %)."
+                                             if head["ci95"] else "."))
+    else:
+        statement = (f"Domain-only did not forget measurably in {head['metric']} on {head['task']} (drop "
+                     f"{head['control_drop']:+.4f}, 95 % CI {head['control_drop_ci95'][0]:+.4f} to "
+                     f"{head['control_drop_ci95'][1]:+.4f}; A/A floor {head['noise_floor']:.4f}): nothing can be "
+                     "credited to the TG mix.")
+    return {"share": head["share"], "ci95": head["ci95"], "variant": variant, "task": head["task"],
+            "metric": head["metric"], "control_forgot": head["control_forgot"], "statement": statement,
+            "by_measure": by_measure}
+
+
+def _resolution(comps: list[dict]) -> list[dict]:
+    """Per general task: 2 x the paired standard error of the accuracy comparisons against base."""
+    out = []
+    for c in comps:
+        if c["section"] == "general" and c["metric"] == "acc" and c["reference"] == BASE_ID and c["variant"] != AA_ID:
+            mde = 2 * c["se"]
+            out.append({"task": c["task"], "variant": c["variant"], "n": c["n"], "se": c["se"], "mde_2sigma": mde,
+                        "resolves_3_points": mde <= RESOLVE})
+    return out
+
+
+def build_report(results: dict[str, dict]) -> dict[str, Any]:
+    """Rows, paired comparisons, the prevented share and a per-arm summary from ``{model_id: eval result}``.
+
+    Returns:
+        ``{"base", "variants", "noise_floor", "rows", "comparisons", "prevented", "resolution", "summary"}``;
+        ``variants`` are the arms (``domain_only`` and the TG arms, not ``base_repeat``).
+    """
+    arms = sorted((m for m in results if m not in (BASE_ID, AA_ID)), key=lambda m: (m != CONTROL_ID, m))
+    rows = _rows(results, arms)
+    comps = _comparisons(results, arms)
     summary = {}
-    for v in variants:
+    for v in arms:
         general = [r["variants"][v]["retention_pct"] for r in rows if r["section"] == "general" and r["primary"]]
         general = [x for x in general if x is not None]
         domain = next((r for r in rows if r["section"] == "domain" and r["primary"]), None)
         probe = next((r for r in rows if r["section"] == "retention" and r["metric"] == "nll"), None)
+        mine = {(c["section"], c["task"], c["metric"]): c for c in comps if c["variant"] == v
+                and c["reference"] == BASE_ID}
         summary[v] = {
             "general_retention_pct": sum(general) / len(general) if general else None,
             "domain_metric": domain["metric"] if domain else None,
             "domain_base": domain["base"]["value"] if domain else None,
             "domain_variant": domain["variants"][v]["value"] if domain else None,
             "domain_gain": domain["variants"][v]["delta"] if domain else None,
+            "domain_gain_ci95": mine[("domain", "domain", domain["metric"])]["ci95"]
+            if domain and ("domain", "domain", domain["metric"]) in mine else None,
+            "forgetting": [{k: c[k] for k in ("task", "metric", "delta", "ci95", "n", "p_value", "noise_floor")}
+                           for (s, _, m), c in mine.items() if s == "general" and m in ("acc", HEADLINE_METRIC)],
+            "kl": mine[("drift", "generic_dialogues", "kl")]["delta"]
+            if ("drift", "generic_dialogues", "kl") in mine else None,
             "heldout_nll_delta": probe["variants"][v]["delta"] if probe else None,
         }
-    return {"base": BASE_ID, "variants": variants, "rows": rows, "summary": summary}
+    return {"base": BASE_ID, "variants": arms, "noise_floor": AA_ID if AA_ID in results else None, "rows": rows,
+            "comparisons": comps, "prevented": _prevented(results, arms, comps), "resolution": _resolution(comps),
+            "summary": summary}
 
 
 def _fmt(x: float | None, stderr: float | None = None, *, pct: bool = False) -> str:
@@ -113,21 +313,74 @@ def _fmt(x: float | None, stderr: float | None = None, *, pct: bool = False) -> 
     return f"{text} ± {stderr:.4f}" if stderr is not None else text
 
 
+def _delta(c: dict | None) -> str:
+    if c is None:
+        return "–"
+    p = f", p={c['p_value']:.3g}" if c.get("p_value") is not None else ""
+    return f"{c['delta']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]{p}"
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    arms, comps = report["variants"], report["comparisons"]
+    vs_base = {(c["variant"], c["section"], c["task"], c["metric"]): c for c in comps if c["reference"] == BASE_ID}
+    measures = [(r["section"], r["task"], r["metric"], r["base"]["value"]) for r in report["rows"]
+                if (r["section"] == "domain" and r["primary"])
+                or (r["section"] == "general" and r["metric"] in ("acc", HEADLINE_METRIC))
+                or r["section"] in ("drift", "reference") or (r["section"] == "retention" and r["metric"] == "nll")]
+    aa = [AA_ID] if report.get("noise_floor") else []
+    label = {"domain": "domain gain", "general": "forgetting", "drift": "drift", "reference": "reference text",
+             "retention": "held-out TG (biased to TG arms)"}
+    lines = ["## Headline: what did TG save?", "",
+             "Δ = arm − base on the same items, [95 % paired bootstrap CI], McNemar p for 0/1 metrics; "
+             f"`{AA_ID}` is base scored again with other batching (the A/A noise floor).", "",
+             "| measure | task | metric | base | " + " | ".join(f"Δ {a}" for a in arms + aa) + " |",
+             "|---|---|---|---|" + "---|" * len(arms + aa)]
+    for section, task, metric, base in measures:
+        cells = [_delta(vs_base.get((a, section, task, metric))) for a in arms + aa]
+        lines.append(f"| {label[section]} | {task} | {metric} | {base:.4f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    prevented = report.get("prevented")
+    if prevented:
+        lines += [f"**{prevented['statement']}**", "",
+                  f"Share of `{CONTROL_ID}`'s drop prevented by `{prevented['variant']}` (1 = nothing lost, 0 = "
+                  "lost as much as domain-only), items resampled jointly:", "",
+                  f"| task | metric | {CONTROL_ID} drop [95 % CI] | {prevented['variant']} drop | A/A floor | "
+                  "share prevented [95 % CI] | domain-only forgot measurably |", "|---|---|---|---|---|---|---|"]
+        for m in prevented["by_measure"]:
+            share = "–" if m["share"] is None else f"{100 * m['share']:.0f} %"
+            ci = f" [{100 * m['ci95'][0]:.0f} %, {100 * m['ci95'][1]:.0f} %]" if m["ci95"] and m["share"] is not None \
+                else ""
+            lines.append(f"| {m['task']} | {m['metric']} | {m['control_drop']:+.4f} [{m['control_drop_ci95'][0]:+.4f}, "
+                         f"{m['control_drop_ci95'][1]:+.4f}] | {m['variant_drop']:+.4f} | {m['noise_floor']:.4f} | "
+                         f"{share}{ci} | {'yes' if m['control_forgot'] else 'no: nothing to credit'} |")
+        lines.append("")
+    elif arms and CONTROL_ID not in arms:
+        lines += [f"No `{CONTROL_ID}` arm (run.control: domain_only): the report cannot say what the TG mix saved.",
+                  ""]
+    for r in report["resolution"]:
+        verdict = "resolves" if r["resolves_3_points"] else "cannot resolve"
+        lines.append(f"- {r['task']} accuracy ({r['variant']} vs base, n={r['n']}): paired SE {r['se']:.4f}, smallest "
+                     f"change resolved at 2σ {100 * r['mde_2sigma']:.1f} points: it {verdict} a 3-point change.")
+    return lines + [""] if report["resolution"] else lines
+
+
 def _markdown(report: dict[str, Any]) -> str:
     variants = report["variants"]
-    lines = ["# Forgetting report", "", "Retention % = variant / base (base / variant for lower-is-better "
-             "metrics); 100 % = nothing forgotten. Values ± standard error.", ""]
+    lines = ["# Forgetting report", ""]
     if variants:
-        lines += ["## Summary", "", "| variant | general retention % (primary metrics) | domain metric | domain base "
-                  "| domain variant | domain gain | held-out TG NLL delta |", "|---|---|---|---|---|---|---|"]
-        for v, s in report["summary"].items():
-            lines.append(f"| {v} | {_fmt(s['general_retention_pct'], pct=True)} | {s['domain_metric'] or '–'} | "
-                         f"{_fmt(s['domain_base'])} | {_fmt(s['domain_variant'])} | {_fmt(s['domain_gain'])} | "
-                         f"{_fmt(s['heldout_nll_delta'])} |")
+        lines += _headline(report)
+    if report["comparisons"]:
+        lines += ["## Paired comparisons", "", "| arm | reference | section | task | metric | Δ [95 % CI] | SE | n | "
+                  "A/A Δ |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in report["comparisons"]:
+            floor = c.get("noise_floor")
+            lines.append(f"| {c['variant']} | {c['reference']} | {c['section']} | {c['task']} | {c['metric']} | "
+                         f"{_delta(c)} | {c['se']:.4f} | {c['n']} | {_fmt(floor['delta'] if floor else None)} |")
         lines.append("")
+    lines += ["Retention % = arm / base (base / arm for lower-is-better metrics); 100 % = nothing forgotten. "
+              "Values ± standard error.", ""]
     head = "| " + " | ".join(["task", "metric", "base", *(f"{v} | Δ {v} | retention % {v}" for v in variants)]) + " |"
-    for section, title in (("general", "General benchmarks"), ("retention", "Retention probe (held-out TG "
-                           "dialogues, lower is better)"), ("domain", "Domain task")):
+    for section, title in _TITLES.items():
         rows = [r for r in report["rows"] if r["section"] == section]
         if not rows:
             continue
@@ -140,38 +393,65 @@ def _markdown(report: dict[str, Any]) -> str:
                 cells += [_fmt(c["value"], c["stderr"]), _fmt(c["delta"]), _fmt(c["retention_pct"], pct=True)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("`*` primary metric of the task (used in the summary).")
+    lines.append("`*` primary metric of the task.")
     return "\n".join(lines) + "\n"
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
+    """Top: primary metric values per model and section. Bottom: paired deltas against base with 95 % intervals
+    (each point an arm; grey bands the A/A noise floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = [report["base"], *report["variants"]]
-    panels = [(s, [r for r in report["rows"] if r["section"] == s and r["primary"]])
-              for s in ("general", "retention", "domain")]
+    panels = [(s, [r for r in report["rows"] if r["section"] == s and r["primary"]]) for s in _TITLES]
     panels = [(s, rows) for s, rows in panels if rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 1.2 * sum(len(r) for _, r in panels), 4.5),
-                             gridspec_kw={"width_ratios": [max(len(r), 1) for _, r in panels]}, squeeze=False)
+    deltas = [c for c in report["comparisons"] if c["reference"] == BASE_ID and c["variant"] != AA_ID
+              and (c["metric"] in ("acc", HEADLINE_METRIC, "kl") or c["section"] in ("retention", "reference")
+                   or (c["section"] == "domain" and c["metric"] == report["summary"].get(c["variant"], {})
+                       .get("domain_metric")))]
+    width_units = max(sum(len(r) for _, r in panels), 4)
+    fig = plt.figure(figsize=(4 + 1.2 * width_units, 9 if deltas else 4.5))
+    grid = fig.add_gridspec(2 if deltas else 1, len(panels), width_ratios=[max(len(r), 1) for _, r in panels])
     width = 0.8 / len(models)
-    for ax, (section, rows) in zip(axes[0], panels):
+    for k, (section, rows) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, k])
         for i, model in enumerate(models):
             cells = [r["base"] if model == report["base"] else r["variants"][model] for r in rows]
             xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(rows))]
             ax.bar(xs, [c["value"] or 0 for c in cells], width, yerr=[c["stderr"] or 0 for c in cells],
                    capsize=3, label=model)
-        ax.set_ylim(bottom=0)  # every metric here is non-negative
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([f"{r['task']}\n{r['metric']}" for r in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_title({"general": "general (higher is better)", "retention": "held-out TG NLL (lower is better)",
-                      "domain": "domain (higher is better)"}[section], fontsize=9)
-    axes[0][0].legend(fontsize=8)
+        ax.set_title(_SHORT[section], fontsize=9)
+        if k == 0:
+            ax.legend(fontsize=8)
+    if deltas:
+        ax = fig.add_subplot(grid[1, :])
+        keys = sorted({(c["section"], c["task"], c["metric"]) for c in deltas}, key=lambda k: list(_TITLES).index(k[0]))
+        arms = report["variants"]
+        for i, arm in enumerate(arms):
+            for j, key in enumerate(keys):
+                c = next((c for c in deltas if c["variant"] == arm and (c["section"], c["task"], c["metric"]) == key),
+                         None)
+                if c is None:
+                    continue
+                y = j + (i - (len(arms) - 1) / 2) * 0.25
+                ax.errorbar(c["delta"], y, xerr=[[c["delta"] - c["ci95"][0]], [c["ci95"][1] - c["delta"]]], fmt="o",
+                            color=f"C{i + 1}", capsize=3, label=arm if j == 0 else None)
+                floor = c.get("noise_floor")
+                if floor and floor["delta"]:
+                    ax.plot([-abs(floor["delta"]), abs(floor["delta"])], [j, j], color="0.5", lw=6, alpha=0.4)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(keys)))
+        ax.set_yticklabels([f"{t} {m}" for _, t, m in keys], fontsize=8)
+        ax.set_xlabel("Δ vs base (paired, 95 % CI); grey bar: ± A/A noise floor", fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, png.getvalue())
 

@@ -30,6 +30,9 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, dashboa
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = num_cpus or max(_MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1))
+        # Ray starts its workers at nice 15 by default: on a workstation the training worker and the engines would
+        # yield to anything else running. A local Ray is this run's own; its workers get normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local": always a new single-node Ray, even when a `ray start` cluster runs on this machine
         # (joining that one is an explicit choice: ray.address="auto"). The dashboard also serves the State API
         # that Ray Train's placement-group cleaner polls.

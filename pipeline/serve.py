@@ -21,13 +21,12 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.config import ModelConfig, ServeConfig, TGConfig
+from pipeline.config import ModelConfig, ServeConfig, TGConfig, model_folder_problem
 
-__all__ = ["APP_NAME", "ServeError", "build_app_args", "default_models", "request_json", "required_cpus",
-           "serve_forever", "serving", "wait_ready"]
+__all__ = ["APP_NAME", "ServeError", "build_app_args", "default_models", "free_port", "request_json",
+           "required_cpus", "serve_forever", "serving", "wait_ready"]
 
 APP_NAME = "tgsft"
 
@@ -172,6 +171,13 @@ def _start_ray(cfg: TGConfig, n_models: int) -> bool:
     return True
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now (the OS picks it), for a server about to start."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -223,7 +229,7 @@ def serving(cfg: TGConfig, models: dict[str, str], *, access_log: bool = False) 
     try:
         logging_config = {"enable_access_log": access_log}
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
-        app = build_openai_app(build_app_args(models, serve=cfg.serve, model=cfg.model))
+        app = build_openai_app(build_app_args(models, serve=cfg.serve, model=_resolved(cfg)))
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config=logging_config)
         wait_ready(base_url, model_ids=list(models), timeout_s=cfg.serve.ready_timeout_s, check=_deploy_failed)
         yield base_url
@@ -236,6 +242,15 @@ def serving(cfg: TGConfig, models: dict[str, str], *, access_log: bool = False) 
             ray.shutdown()
 
 
+def _resolved(cfg: TGConfig) -> ModelConfig:
+    """The model section with ``dtype: auto`` settled for CPU replicas: bf16 or fp32, whichever this machine (the
+    driver's; set ``model.dtype`` when CPU replicas run on another kind of CPU) multiplies faster."""
+    from pipeline.hardware import resolve_dtype
+
+    dtype, _ = resolve_dtype(cfg.model.dtype, use_gpu=cfg.serve.gpus_per_replica > 0)
+    return cfg.model.model_copy(update={"dtype": dtype})
+
+
 def serve_forever(cfg: TGConfig, *, models: dict[str, str]) -> None:
     """Serve until Ctrl-C, then shut down cleanly.
 
@@ -245,8 +260,8 @@ def serve_forever(cfg: TGConfig, *, models: dict[str, str]) -> None:
     """
     models = models or default_models(cfg)
     for model_id, source in models.items():
-        if source.startswith(("/", ".", "~")) and not (Path(source).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(f"serve: model {model_id!r}: {source} is not a Hugging Face folder")
+        if problem := model_folder_problem(source):
+            raise FileNotFoundError(f"serve: model {model_id!r}: {problem}")
     with serving(cfg, models, access_log=True) as base_url:
         print(f"serving {', '.join(models)} at {base_url}/v1 (Ctrl-C stops)", flush=True)
         try:

@@ -11,35 +11,40 @@ Reads ``data.train`` files (or the built-in domain set, :func:`pipeline.domain.b
   export under ``hf/``) in ``train.storage_path`` (default ``out_dir``; a local directory or a cloud URI);
 - ``model/``: the exported Hugging Face folder (safetensors, config, tokenizer, chat template), copied from the
   final checkpoint and renamed into place last;
-- ``manifest.json``: steps, tokens, tokens/s, losses, mix and data statistics, the config hash.
+- ``manifest.json``: steps, tokens, real tokens/s (``tokens_per_s`` with the first step, ``steady_tokens_per_s``
+  after it), ``mfu`` (6 x parameters x tokens/s over the matmul peak measured in the worker), the precision chosen
+  and why (``precision: auto`` measures bf16 against fp32 on the worker's CPU), losses, mix and data statistics,
+  the config hash.
 
 The training stream is every epoch of the mix in its epoch order (``seed + epoch``), tokenized (and packed) on the
 driver (pure Python, thousands of examples per second: enough for TG corpora of a CPU or single-node run), then
 streamed from a Ray Dataset and split evenly over the workers (``ray.train.get_dataset_shard``), so every worker runs
-the same number of steps. A run is named by a hash of the settings that shape the stream and the optimizer state (not ``max_steps``,
-``epochs``, logging or checkpoint cadence), so re-running the same command resumes from the latest checkpoint,
-and raising ``max_steps`` / ``epochs`` continues a finished run. Resuming needs the same ``num_workers``
-(DeepSpeed's ZeRO shards are per rank).
+the same number of steps. A run is named by a key of the settings that shape the stream and the optimizer state
+(not ``max_steps``, ``epochs``, logging or checkpoint cadence; :mod:`pipeline.cachekey`), so re-running the same
+command resumes from the latest checkpoint, and raising ``max_steps`` / ``epochs`` continues a finished run.
+Resuming needs the same ``num_workers`` (DeepSpeed's ZeRO shards are per rank). The per-worker loop is
+:mod:`actors.train_worker`; it reads only a :class:`pipeline.schedule.WorkerConfig`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import TGConfig, TrainConfig, config_hash
+from pipeline.config import TGConfig, TrainConfig
 from pipeline.corpus import atomic_write_text, read_json
+from pipeline.schedule import WorkerConfig
 
-__all__ = ["TOKEN_SCHEMA", "deepspeed_config", "lr_multiplier", "train", "training_stream"]
+__all__ = ["TOKEN_SCHEMA", "deepspeed_config", "prepare_tokens", "train", "training_stream"]
 
 TOKEN_SCHEMA = pa.schema(
     [
@@ -55,37 +60,16 @@ TOKEN_SCHEMA = pa.schema(
 )
 _COUNTERS = ("n_examples", "n_truncated", "n_dropped", "n_tokens", "n_label_tokens")
 _CHUNK = 1024  # examples tokenized (and packed) together
-_RUN_FIELDS_IGNORED = {"max_steps", "epochs", "log_every", "checkpoint_every", "max_failures", "storage_path"}
-
-
-def lr_multiplier(
-    step: int, *, total_steps: int, warmup_steps: int, schedule: Literal["cosine", "linear", "constant"]
-) -> float:
-    """LR factor for optimizer step ``step`` (0-based): linear warm-up to 1, then cosine / linear decay or constant.
-
-    Decay reaches 0 one step after the last step, so every step trains.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config for a :class:`TrainConfig` (ZeRO stage, offload, precision, batch sizes, clipping).
 
-    On CPU, bf16 means fp32 weights with bf16 autocast in the worker (DeepSpeed's bf16 mode needs an accelerator)
-    and the optimizer is ``torch.optim.AdamW`` (``torch_adam``): the fused Adam kernel is CUDA-only.
-
-    Raises:
-        ValueError: fp16 without GPUs, or parameter offload below ZeRO-3.
+    On CPU, bf16 means fp32 weights with bf16 autocast in the worker (DeepSpeed's bf16 mode needs an accelerator),
+    and ``auto`` is settled in the worker by measurement; the optimizer is ``torch.optim.AdamW`` (``torch_adam``):
+    the fused Adam kernel is CUDA-only. On GPUs ``auto`` means bf16 (set ``fp16`` on GPUs without bf16). Invalid
+    combinations (fp16 on CPU, parameter offload below ZeRO-3) are rejected when the config is loaded.
     """
-    if tc.precision == "fp16" and not tc.use_gpu:
-        raise ValueError("train.precision=fp16 needs GPUs (train.use_gpu=true); use bf16 or fp32 on CPU")
-    if tc.offload_param and tc.zero_stage != 3:
-        raise ValueError(f"train.offload_param needs train.zero_stage=3 (got {tc.zero_stage})")
     zero: dict[str, Any] = {
         "stage": tc.zero_stage,
         "reduce_bucket_size": tc.bucket_size,
@@ -93,7 +77,7 @@ def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
     }
     if tc.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = tc.bucket_size
-    if tc.offload_optimizer and tc.zero_stage >= 1:
+    if tc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if tc.offload_param:
         zero["offload_param"] = {"device": "cpu"}
@@ -110,7 +94,7 @@ def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 1_000_000_000,  # progress lines come from the worker loop
         "wall_clock_breakdown": False,
     }
-    if tc.use_gpu and tc.precision == "bf16":
+    if tc.use_gpu and tc.precision in ("bf16", "auto"):
         cfg["bf16"] = {"enabled": True}
     elif tc.precision == "fp16":
         cfg["fp16"] = {"enabled": True}
@@ -169,11 +153,21 @@ def _check_lengths(domain: Any, tokenizer: Any, *, max_seq_len: int, bad_rows: s
             raise DataError(", ".join(domain.files), f"no row fits train.max_seq_len={max_seq_len}")
 
 
-def _run_hash(cfg: TGConfig, model_path: str) -> str:
-    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RUN_FIELDS_IGNORED}
-    return config_hash({"model": model_path, "data": cfg.data.model_dump(mode="json"),
-                        "mix": cfg.mix.model_dump(mode="json"), "train": train,
-                        "heldout": cfg.eval.retention_dialogues})
+def _keys(cfg: TGConfig, *, model_path: str, corpus_dir: Path | None) -> tuple[str, str]:
+    """(run key, full key). The run key names the checkpoint directory and leaves out ``max_steps`` and ``epochs``
+    (raising them continues a run); the full key decides whether a finished export is reused. Both include the TG
+    corpus's own key, so a regenerated corpus trains anew."""
+    from pipeline.cachekey import stage_key
+
+    corpus_key = None
+    if cfg.mix.tg_ratio > 0:
+        corpus = Path(corpus_dir or cfg.mix.tg_corpus or cfg.run_dir / "corpus")
+        corpus_key = (read_json(corpus / "manifest.json") or {}).get("config_hash")
+    what = ("model.source", "model.dtype", "model.trust_remote_code", "data", "mix", "train",
+            "eval.retention_dialogues")
+    run_key = stage_key(cfg, *what, exclude={"train.max_steps", "train.epochs"}, model_path=model_path,
+                        corpus=corpus_key)
+    return run_key, stage_key(cfg, *what, model_path=model_path, corpus=corpus_key)
 
 
 def _storage(tc: TrainConfig, out_dir: Path) -> str:
@@ -212,48 +206,37 @@ def _copy_export(checkpoint: Any, model_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train(
-    cfg: TGConfig, *, corpus_dir: Path | None = None, out_dir: Path | None = None, log: Callable[[str], None] = print
-) -> Path:
-    """Mix, tokenize and fine-tune with Ray Train + DeepSpeed; export a Hugging Face folder.
+@dataclass
+class Prepared:
+    """The training stream, ready for the workers: token rows and what was counted on the way."""
 
-    Args:
-        cfg: the run config (sections data, mix, train, model, eval.retention_dialogues, ray).
-        corpus_dir: TG corpus directory; default ``mix.tg_corpus`` or ``<run>/corpus`` (unused when tg_ratio=0).
-        out_dir: output directory; default ``<run>/train``.
-        log: where progress lines go.
+    model_path: str
+    tokens: pa.Table  # TOKEN_SCHEMA rows in stream order
+    pad_id: int
+    total_steps: int
+    data_stats: dict[str, Any]
+    mix_stats: dict[str, Any]
+    tok_stats: dict[str, int]
 
-    Returns:
-        The exported model folder (``<out_dir>/model``); an existing export made with the same config is reused.
+
+def prepare_tokens(cfg: TGConfig, *, corpus_dir: Path | None, out_dir: Path,
+                   log: Callable[[str], None] = print) -> Prepared:
+    """Load the domain data and the TG corpus, build and write the mix, tokenize (and pack) every epoch of it.
 
     Raises:
-        ValueError: bad data (:class:`pipeline.data.DataError`), bad precision / offload settings, or a mix too
-            small for one optimizer step.
+        ValueError: bad data (:class:`pipeline.data.DataError`) or a mix too small for one optimizer step.
         FileNotFoundError: a data file or the TG corpus is missing.
     """
+    from transformers import AutoTokenizer
+
     from pipeline.data import load_examples
     from pipeline.mix import build_mix, load_tg, write_mix
     from pipeline.model import resolve_model
 
     tc = cfg.train
-    out_dir = Path(out_dir or cfg.run_dir / "train")
-    model_dir = out_dir / "model"
     model_path = resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)
-    run_hash = _run_hash(cfg, model_path)
-    full_hash = config_hash({"run": run_hash, "train": cfg.train.model_dump(mode="json")})
-    done = read_json(out_dir / "manifest.json")
-    if done and (model_dir / "config.json").is_file():
-        if done.get("config_hash") == full_hash:
-            log(f"train: reusing the finished export {model_dir} (config {full_hash}, {done['steps']} steps)")
-            return model_dir
-        log(f"train: {model_dir} was made with another config; training again (it is replaced at the end)")
-    ds_config = deepspeed_config(tc)
-
-    # ---- data and mix (driver, pure)
     domain = load_examples(_domain_files(cfg, log), fmt=cfg.data.format, bad_rows=cfg.data.bad_rows,
                            max_examples=cfg.data.max_examples)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     _check_lengths(domain, tokenizer, max_seq_len=tc.max_seq_len, bad_rows=cfg.data.bad_rows)
     if domain.skipped:
@@ -269,7 +252,6 @@ def train(
     log(f"mix: {mix_stats['domain_examples']} domain + {mix_stats['tg_examples']} TG rows "
         f"(TG share {mix_stats['tg_share_examples']:.2f} of examples) -> {out_dir / 'mix'}")
 
-    # ---- tokens (driver) and the step budget
     t1 = time.monotonic()
     stream = training_stream(mix, epochs=tc.epochs, seed=cfg.mix.seed)
     tokens, tok_stats = _tokenize(stream, tokenizer=tokenizer, tc=tc)
@@ -281,76 +263,115 @@ def train(
         raise ValueError(f"{tok_stats['rows']} training rows are fewer than one optimizer step needs ({per_step} = "
                          "num_workers x micro_batch_size x grad_accum); add data or epochs, or shrink the batch")
     log(f"tokens: {tok_stats['rows']} rows, {tok_stats['n_tokens']} tokens ({tok_stats['n_truncated']} examples "
-        f"truncated to {tc.max_seq_len}, {tok_stats['n_dropped']} dropped with no assistant token left); {total_steps} steps "
-        f"of {per_step} rows ({time.monotonic() - t1:.1f} s)")
+        f"truncated to {tc.max_seq_len}, {tok_stats['n_dropped']} dropped with no assistant token left); "
+        f"{total_steps} steps of {per_step} rows ({time.monotonic() - t1:.1f} s)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Prepared(model_path=model_path, tokens=tokens, pad_id=pad_id, total_steps=total_steps,
+                    data_stats=domain.stats(), mix_stats=mix_stats, tok_stats=tok_stats)
 
-    # ---- Ray Train + DeepSpeed; the token rows stream to the workers through Ray Data
-    from pipeline.runtime import init_ray
 
-    ray = init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
-    ds = ray.data.from_arrow(tokens)
+def worker_config(cfg: TGConfig, prep: Prepared) -> WorkerConfig:
+    """The typed settings of the per-worker loop."""
+    tc = cfg.train
+    return WorkerConfig(
+        model_path=prep.model_path, ds_config=deepspeed_config(tc), total_steps=prep.total_steps,
+        warmup_steps=int(round(tc.warmup_ratio * prep.total_steps)), schedule=tc.schedule, packing=tc.packing,
+        pad_id=prep.pad_id, precision=tc.precision, threads=0 if tc.use_gpu else max(1, int(tc.cpus_per_worker)),
+        use_gpu=tc.use_gpu, gradient_checkpointing=tc.gradient_checkpointing, checkpoint_every=tc.checkpoint_every,
+        log_every=tc.log_every, export_dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
+        seed=tc.seed,
+    )
+
+
+def _fit(cfg: TGConfig, prep: Prepared, *, storage: str, run_name: str) -> Any:
+    """Run the Ray Train + DeepSpeed job over the token rows; returns Ray Train's result."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from actors.train_worker import train_loop_per_worker
+    from pipeline.runtime import init_ray
 
+    tc = cfg.train
+    ray = init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    loop_config = {
-        "model_path": model_path,
-        "ds_config": ds_config,
-        "total_steps": total_steps,
-        "warmup_steps": int(round(tc.warmup_ratio * total_steps)),
-        "schedule": tc.schedule,
-        "packing": tc.packing,
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        "checkpoint_every": tc.checkpoint_every,
-        "log_every": tc.log_every,
-        "gradient_checkpointing": tc.gradient_checkpointing,
-        "autocast_bf16": tc.precision == "bf16" and not tc.use_gpu,
-        "use_gpu": tc.use_gpu,
-        "export_dtype": "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
-        "seed": tc.seed,
-    }
-    storage = _storage(tc, out_dir)
-    run_name = f"sft-{run_hash}"
     # Ray Train both prints and logs a worker's print() (every progress line twice on the driver); print only.
     # The variable travels from the driver to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=worker_config(cfg, prep).as_dict(),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
+        datasets={"train": ray.data.from_arrow(prep.tokens)},
         dataset_config=DataConfig(execution_options=ingest),
     )
-    log(f"train: {tc.num_workers} worker(s), ZeRO-{tc.zero_stage}, {tc.precision}, checkpoints in "
-        f"{storage}/{run_name}")
-    result = trainer.fit()
+    return trainer.fit()
+
+
+_METRICS = ("steps", "tokens", "tokens_per_s", "steady_tokens_per_s", "mfu", "peak_matmul_tflops", "precision",
+            "precision_reason", "n_params", "world_size", "threads", "initial_loss", "final_loss", "losses",
+            "resumed_from_step", "optimizer_step_at_resume", "train_seconds", "peak_rss_gib")
+
+
+def train(
+    cfg: TGConfig, *, corpus_dir: Path | None = None, out_dir: Path | None = None, log: Callable[[str], None] = print
+) -> Path:
+    """Mix, tokenize and fine-tune with Ray Train + DeepSpeed; export a Hugging Face folder.
+
+    Args:
+        cfg: the run config (sections data, mix, train, model, eval.retention_dialogues, ray).
+        corpus_dir: TG corpus directory; default ``mix.tg_corpus`` or ``<run>/corpus`` (unused when tg_ratio=0).
+        out_dir: output directory; default ``<run>/train``.
+        log: where progress lines go.
+
+    Returns:
+        The exported model folder (``<out_dir>/model``); an existing export made with the same config is reused.
+
+    Raises:
+        ValueError: bad data (:class:`pipeline.data.DataError`) or a mix too small for one optimizer step.
+        FileNotFoundError: a data file or the TG corpus is missing.
+    """
+    from pipeline.model import resolve_model
+
+    tc = cfg.train
+    out_dir = Path(out_dir or cfg.run_dir / "train")
+    model_dir = out_dir / "model"
+    model_path = resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)
+    run_hash, full_hash = _keys(cfg, model_path=model_path, corpus_dir=corpus_dir)
+    done = read_json(out_dir / "manifest.json")
+    if done and (model_dir / "config.json").is_file():
+        if done.get("config_hash") == full_hash:
+            log(f"train: reusing the finished export {model_dir} (config {full_hash}, {done['steps']} steps)")
+            return model_dir
+        log(f"train: {model_dir} was made with another config; training again (it is replaced at the end)")
+
+    prep = prepare_tokens(cfg, corpus_dir=corpus_dir, out_dir=out_dir, log=log)
+    storage, run_name = _storage(tc, out_dir), f"sft-{run_hash}"
+    log(f"train: {tc.num_workers} worker(s) x {tc.cpus_per_worker:g} CPU(s), ZeRO-{tc.zero_stage}, precision "
+        f"{tc.precision}, checkpoints in {storage}/{run_name}")
+    result = _fit(cfg, prep, storage=storage, run_name=run_name)
     metrics = dict(result.metrics or {})
     _copy_export(result.checkpoint, model_dir)
 
     manifest = {
         "config_hash": full_hash,
         "run_hash": run_hash,
-        "model_source": model_path,
+        "model_source": prep.model_path,
         "model": str(model_dir),
         "checkpoints": f"{storage}/{run_name}",
-        **{k: metrics[k] for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss", "losses",
-                                   "resumed_from_step", "optimizer_step_at_resume", "train_seconds",
-                                   "peak_rss_gib")
-           if k in metrics},
-        "total_steps": total_steps,
-        "data": domain.stats(),
-        "mix": mix_stats,
-        "tokenization": tok_stats,
+        **{k: metrics[k] for k in _METRICS if k in metrics},
+        "total_steps": prep.total_steps,
+        "data": prep.data_stats,
+        "mix": prep.mix_stats,
+        "tokenization": prep.tok_stats,
         "train": tc.model_dump(mode="json"),
     }
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    mfu = f", MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
     log(f"train: done, {metrics.get('steps')} steps, final loss {metrics.get('final_loss', float('nan')):.4f}, "
-        f"{metrics.get('tokens_per_s', 0):.0f} tokens/s -> {model_dir}")
+        f"{metrics.get('steady_tokens_per_s', 0):.0f} tokens/s ({metrics.get('precision')}{mfu}) -> {model_dir}")
     return model_dir

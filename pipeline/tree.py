@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 __all__ = [
     "ROOT_ID",
     "Layer",
+    "check_levels",
+    "complete_paths",
     "Outcome",
     "child_seed",
     "classify",
@@ -232,3 +234,50 @@ def path_messages(system: list[dict], path: Sequence[dict]) -> list[dict]:
     roles = {"question": "user", "answer": "assistant"}
     return list(system) + [{"role": roles[n["kind"]], "content": n["text"]} for n in path]
 
+
+
+# ----------------------------------------------------------------------------- the completeness promise
+
+
+def check_levels(levels: Sequence[Sequence[Mapping]], *, branching: Sequence[int], run_seed: int) -> list[str]:
+    """Problems that break a corpus's completeness (empty: complete), whatever the texts are.
+
+    The promise a resumed (or any) corpus keeps: every kept node of level i-1 (the root above level 1) has exactly
+    N_i children at level i, with branches 0..N_i-1 and ids and seeds derived from parent, branch and run seed; no
+    node is duplicated or orphaned; every node is kept, or dropped with a reason. Which nodes are kept depends on
+    the generated texts and may differ between two runs; this check does not.
+
+    Args:
+        levels: each level's node rows (``node_id, parent_id, branch, seed, status, drop_reason``), level 1 first.
+        branching: N_i per level.
+        run_seed: ``tree.seed``.
+    """
+    problems: list[str] = []
+    parents = [ROOT_ID]
+    for level, (rows, n) in enumerate(zip(levels, branching, strict=True), start=1):
+        expected = {c["node_id"]: c for c in expand(({"node_id": p, "group": None} for p in parents),
+                                                    level=level, branching=n, run_seed=run_seed)}
+        counts = Counter(r["node_id"] for r in rows)
+        if dups := sorted(k for k, c in counts.items() if c > 1):
+            problems.append(f"level {level}: {len(dups)} duplicate node id(s), e.g. {dups[0]}")
+        if missing := expected.keys() - counts.keys():
+            problems.append(f"level {level}: {len(missing)} child(ren) of kept parents missing")
+        if extra := counts.keys() - expected.keys():
+            problems.append(f"level {level}: {len(extra)} node(s) that are no child of a kept level-{level - 1} node")
+        for r in rows:
+            want = expected.get(r["node_id"])
+            if want and (r["parent_id"], r["branch"], r["seed"]) != (want["parent_id"], want["branch"], want["seed"]):
+                problems.append(f"level {level}: node {r['node_id']} has another parent, branch or seed than its id")
+            if (r["status"], r["drop_reason"] is None) not in {("kept", True), ("dropped", False)}:
+                problems.append(f"level {level}: node {r['node_id']} is {r['status']!r} with drop reason "
+                                f"{r['drop_reason']!r}")
+        parents = sorted(r["node_id"] for r in rows if r["status"] == "kept")
+    return problems
+
+
+def complete_paths(levels: Sequence[Sequence[Mapping]]) -> set[tuple[str, ...]]:
+    """Node-id paths from level 1 to every kept node of the last level through kept nodes only: the dialogues."""
+    paths = {ROOT_ID: ()}
+    for rows in levels:
+        paths = grow_paths(paths, rows)
+    return {tuple(n["node_id"] for n in p) for p in paths.values()}

@@ -1,5 +1,6 @@
-"""Shared fixtures. Unit tests need none of them but the small HTTP stub; integration tests share one Ray cluster,
-one prepared embedded model and one vLLM engine pool per session, because each engine start costs 20-100 s here."""
+"""Shared fixtures. Pure unit tests need none of them but the small HTTP stub (unit tests marked ``model`` use the
+prepared model); integration tests share one Ray cluster, one prepared embedded model and one vLLM engine pool per
+session, because each engine start costs 20-100 s here."""
 
 from __future__ import annotations
 

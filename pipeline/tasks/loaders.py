@@ -221,3 +221,117 @@ GENERAL_ITEMS: list[tuple[str, tuple[str, ...], int]] = [
     ("Which direction does the Sun rise in?", ("west", "north", "south", "east"), 3),
     ("What is the tallest animal in the world?", ("elephant", "giraffe", "horse", "camel"), 1),
 ]
+
+# More items built from small fact tables written for this project: each question's three distractors are other
+# answers of the same table, drawn with a generator seeded by the question, so the items never change.
+_FACTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "capital": ("What is the capital of {}?", [
+        ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("England", "London"), ("Russia", "Moscow"),
+        ("China", "Beijing"), ("Egypt", "Cairo"), ("Greece", "Athens"), ("Canada", "Ottawa"),
+        ("Australia", "Canberra"), ("India", "New Delhi"), ("Mexico", "Mexico City"), ("Argentina", "Buenos Aires"),
+        ("Portugal", "Lisbon"), ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+        ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Turkey", "Ankara"), ("Kenya", "Nairobi"),
+        ("South Korea", "Seoul"), ("Thailand", "Bangkok"), ("Peru", "Lima"), ("Cuba", "Havana"),
+        ("the United States", "Washington, D.C."), ("Denmark", "Copenhagen"), ("Finland", "Helsinki"),
+        ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("the Netherlands", "Amsterdam"),
+        ("Switzerland", "Bern"), ("Chile", "Santiago"), ("Colombia", "Bogota"), ("Indonesia", "Jakarta"),
+        ("the Philippines", "Manila"), ("Vietnam", "Hanoi"), ("Iran", "Tehran"), ("Scotland", "Edinburgh"),
+        ("Czechia", "Prague")]),
+    "opposite": ("What is the opposite of {}?", [
+        ("big", "small"), ("up", "down"), ("day", "night"), ("open", "closed"), ("happy", "sad"), ("fast", "slow"),
+        ("young", "old"), ("light", "dark"), ("wet", "dry"), ("full", "empty"), ("early", "late"),
+        ("strong", "weak"), ("rich", "poor"), ("hard", "soft"), ("loud", "quiet"), ("long", "short"),
+        ("first", "last"), ("inside", "outside"), ("win", "lose"), ("buy", "sell"), ("push", "pull"),
+        ("clean", "dirty"), ("thick", "thin"), ("heavy", "light"), ("true", "false"), ("left", "right"),
+        ("love", "hate"), ("begin", "end"), ("give", "take"), ("north", "south"), ("east", "west"),
+        ("arrive", "leave"), ("asleep", "awake"), ("sweet", "sour"), ("friend", "enemy"), ("question", "answer"),
+        ("above", "below"), ("cheap", "expensive"), ("safe", "dangerous"), ("remember", "forget")]),
+    "young": ("What is a young {} called?", [
+        ("cat", "kitten"), ("cow", "calf"), ("sheep", "lamb"), ("horse", "foal"), ("duck", "duckling"),
+        ("frog", "tadpole"), ("goat", "kid"), ("bear", "cub"), ("pig", "piglet"), ("goose", "gosling"),
+        ("swan", "cygnet"), ("kangaroo", "joey"), ("owl", "owlet"), ("hen", "chick"), ("deer", "fawn")]),
+    "day_after": ("Which day comes after {}?", [
+        ("Monday", "Tuesday"), ("Tuesday", "Wednesday"), ("Wednesday", "Thursday"), ("Thursday", "Friday"),
+        ("Friday", "Saturday"), ("Saturday", "Sunday"), ("Sunday", "Monday")]),
+    "month_after": ("Which month comes after {}?", [
+        ("January", "February"), ("February", "March"), ("March", "April"), ("April", "May"), ("May", "June"),
+        ("June", "July"), ("July", "August"), ("August", "September"), ("September", "October"),
+        ("October", "November"), ("November", "December"), ("December", "January")]),
+    "how_many": ("How many {}?", [
+        ("sides does a triangle have", "three"), ("sides does a square have", "four"),
+        ("sides does a pentagon have", "five"), ("sides does a hexagon have", "six"),
+        ("sides does an octagon have", "eight"), ("legs does an insect have", "six"),
+        ("legs does a bird have", "two"), ("legs does a dog have", "four"), ("months are there in a year", "twelve"),
+        ("days are there in a year", "three hundred and sixty-five"), ("seconds are in a minute", "sixty"),
+        ("years are in a century", "one hundred"), ("wheels does a bicycle have", "two"),
+        ("wheels does a tricycle have", "three"), ("players are on a tennis doubles team", "two"),
+        ("eyes does a person have", "two"), ("fingers are on one human hand", "five"),
+        ("planets are in the Solar System", "eight"), ("strings does a standard guitar have", "six"),
+        ("cents make one US dollar", "one hundred")]),
+    "color": ("What color is {}?", [
+        ("a clear daytime sky", "blue"), ("fresh grass", "green"), ("a ripe banana", "yellow"), ("snow", "white"),
+        ("coal", "black"), ("a ripe strawberry", "red"), ("a carrot", "orange"), ("chocolate", "brown"),
+        ("a lemon", "yellow"), ("a polar bear's fur", "white"), ("a fire engine", "red"), ("a crow", "black"),
+        ("an emerald", "green"), ("a pumpkin", "orange"), ("milk", "white")]),
+    "plural": ("What is the plural of {}?", [
+        ("mouse", "mice"), ("child", "children"), ("foot", "feet"), ("tooth", "teeth"), ("goose", "geese"),
+        ("man", "men"), ("woman", "women"), ("person", "people"), ("knife", "knives"), ("leaf", "leaves"),
+        ("box", "boxes"), ("baby", "babies"), ("city", "cities"), ("wolf", "wolves"), ("potato", "potatoes")]),
+    "language": ("What is the main language spoken in {}?", [
+        ("France", "French"), ("Germany", "German"), ("Italy", "Italian"), ("Spain", "Spanish"),
+        ("Japan", "Japanese"), ("China", "Chinese"), ("Russia", "Russian"), ("Greece", "Greek"),
+        ("Portugal", "Portuguese"), ("Turkey", "Turkish"), ("Poland", "Polish"), ("the Netherlands", "Dutch"),
+        ("Sweden", "Swedish"), ("Korea", "Korean"), ("England", "English")]),
+    "sound": ("What sound does a {} make?", [
+        ("dog", "bark"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("lion", "roar"),
+        ("sheep", "baa"), ("snake", "hiss"), ("horse", "neigh"), ("owl", "hoot"), ("bee", "buzz")]),
+    "sum": ("What is {}?", [
+        (f"{a} plus {b}", str(a + b)) for a, b in [(2, 3), (4, 4), (6, 3), (5, 5), (7, 2), (8, 6), (9, 9),
+                                                    (3, 4), (10, 10), (12, 3), (20, 5), (15, 15), (6, 7), (11, 2),
+                                                    (30, 40)]]),
+}
+# one question wording per member of a kind, so every question text is distinct
+_KIND_WORDINGS = ("Which of these is a {}?", "Which one is a {}?", "Which word names a {}?",
+                  "Which of the following is a {}?", "Which is a kind of {}?", "Pick the {}:")
+# kind -> (members, non-members): "Which of these is a fruit?" with one member and three non-members
+_KINDS: dict[str, tuple[list[str], list[str]]] = {
+    "fruit": (["apple", "banana", "cherry", "grape", "mango", "pear"], ["carrot", "potato", "onion", "lettuce",
+                                                                         "bread", "cheese"]),
+    "vegetable": (["carrot", "potato", "onion", "cabbage", "pea", "spinach"], ["apple", "banana", "milk", "rice",
+                                                                               "egg", "honey"]),
+    "bird": (["eagle", "sparrow", "parrot", "penguin", "owl", "robin"], ["dog", "salmon", "frog", "ant", "horse",
+                                                                         "snake"]),
+    "fish": (["salmon", "trout", "tuna", "cod", "goldfish", "shark"], ["whale", "dolphin", "crab", "seal", "frog",
+                                                                       "duck"]),
+    "musical instrument": (["violin", "flute", "guitar", "piano", "trumpet", "drum"], ["hammer", "spoon", "chair",
+                                                                                       "kettle", "pencil", "shoe"]),
+    "vehicle": (["car", "bus", "bicycle", "train", "truck", "boat"], ["lamp", "table", "tree", "cup", "pillow",
+                                                                     "book"]),
+    "planet": (["Mars", "Venus", "Jupiter", "Saturn", "Neptune", "Mercury"], ["the Moon", "the Sun", "Paris",
+                                                                              "Everest", "the Nile", "Sirius"]),
+}
+
+
+def _fact_items() -> list[tuple[str, tuple[str, ...], int]]:
+    import random
+
+    items = []
+    for category, (template, facts) in _FACTS.items():
+        answers = sorted({a for _, a in facts})
+        for subject, answer in facts:
+            rng = random.Random(f"{category}:{subject}")
+            choices = rng.sample([a for a in answers if a != answer], 3)
+            pos = rng.randrange(4)
+            choices.insert(pos, answer)
+            items.append((template.format(subject), tuple(choices), pos))
+    for kind, (members, others) in _KINDS.items():
+        for member, wording in zip(members, _KIND_WORDINGS, strict=True):
+            rng = random.Random(f"kind:{kind}:{member}")
+            choices = rng.sample(others, 3)
+            pos = rng.randrange(4)
+            choices.insert(pos, member)
+            items.append((wording.format(kind), tuple(choices), pos))
+    return items
+
+
+GENERAL_ITEMS += _fact_items()

@@ -7,10 +7,12 @@ import datasets
 import pandas as pd
 import pytest
 
-from pipeline import chat
+from pipeline import chat, tree
+from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.corpus import read_json
+from pipeline.corpus import level_dir, read_dialogues, read_json, read_level
 from pipeline.generate import generate
+from pipeline.tasks.loaders import GENERAL_ITEMS
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +71,7 @@ def test_counts_follow_branching_minus_drops(full_run):
 
 def test_nodes_on_disk_match_the_manifest(full_run):
     out, manifest, _ = full_run
-    nodes = pd.read_parquet(out / "nodes", partitioning=None)
+    nodes = pd.read_parquet(out / "nodes")
     assert nodes.node_id.is_unique
     for level, lv in manifest["levels"].items():
         on_disk = nodes[nodes.level == int(level)]
@@ -79,7 +81,7 @@ def test_nodes_on_disk_match_the_manifest(full_run):
     kept = nodes[nodes.status == "kept"]
     assert not kept.text.str.contains("<\\|im_", regex=True).any()
     assert set(kept.role) == {"user", "assistant"}
-    assert (json.loads((out / "nodes" / "level=01" / "_SUCCESS").read_text())["kept"]
+    assert (json.loads((level_dir(out, 1) / "_SUCCESS").read_text())["kept"]
             == manifest["levels"]["1"]["kept"])
 
 
@@ -96,12 +98,14 @@ def test_dialogues_alternate_roles_with_k_turns(full_run):
     assert ds[0]["messages"][0]["content"].startswith("You are a helpful AI assistant")  # template default P0
 
 
-def test_resume_after_level_2_gives_the_same_counts(full_run, tmp_path, engines):
-    """A crash after level 2 leaves levels 1-2 complete and nothing else: the rerun finishes levels 3-4."""
+def test_resume_after_level_2_reuses_it_and_completes_the_tree(full_run, tmp_path, engines):
+    """A crash after level 2 leaves levels 1-2 complete and nothing else: the rerun reuses them as they are and
+    finishes levels 3-4 into a complete tree. Texts below level 2 may differ from the first run's (the engine is not
+    batch-invariant), so only what the resume promise fixes is compared with it."""
     out, manifest, _ = full_run
     crashed = tmp_path / "corpus"
-    for level in ("level=01", "level=02"):
-        shutil.copytree(out / "nodes" / level, crashed / "nodes" / level)
+    for level in (1, 2):
+        shutil.copytree(level_dir(out, level), level_dir(crashed, level))
     partial = {**manifest, "status": "running", "levels": {k: manifest["levels"][k] for k in ("1", "2")}}
     (crashed / "manifest.json").write_text(json.dumps(partial))
     lines = []
@@ -110,12 +114,17 @@ def test_resume_after_level_2_gives_the_same_counts(full_run, tmp_path, engines)
         f"level 1/4 question: reused {manifest['levels']['1']['kept']} kept nodes",
         f"level 2/4 answer: reused {manifest['levels']['2']['kept']} kept nodes",
     ]
-    for level in ("1", "2", "3", "4"):
+    for level in ("1", "2"):
         a, b = manifest["levels"][level], resumed["levels"][level]
         assert (a["generated"], a["kept"], a["dropped"]) == (b["generated"], b["kept"], b["dropped"])
-    assert resumed["dialogues"] == manifest["dialogues"]
+    levels = [read_level(crashed, level)[0].to_pylist() for level in (1, 2, 3, 4)]
+    assert tree.check_levels(levels, branching=BRANCHING, run_seed=0) == []
+    first_level3 = {r["node_id"] for r in read_level(out, 3)[0].to_pylist()}
+    assert {r["node_id"] for r in levels[2]} == first_level3  # children of the same kept level-2 nodes
+    dialogue_paths = {tuple(ids) for ids in read_dialogues(crashed).column("node_ids").to_pylist()}
+    assert dialogue_paths == tree.complete_paths(levels) and resumed["dialogues"] == len(dialogue_paths)
     again = generate(_cfg(tmp_path), out_dir=crashed, engines=engines, log=lines.append)
-    assert again["dialogues"] == manifest["dialogues"] and "reusing the complete corpus" in lines[-1]
+    assert again["dialogues"] == resumed["dialogues"] and "reusing the complete corpus" in lines[-1]
 
 
 def test_another_config_is_refused_unless_overwrite(full_run, engines):
@@ -126,16 +135,58 @@ def test_another_config_is_refused_unless_overwrite(full_run, engines):
     assert read_json(out / "manifest.json")["status"] == "complete"  # untouched
 
 
-def test_tg_pt_writes_plain_text(tmp_path, engines):
+@pytest.fixture(scope="module")
+def pt_run(tmp_path_factory, engines):
+    tmp = tmp_path_factory.mktemp("pt")
     cfg = load_config(None, overrides=[
-        f"output_root={tmp_path}", "tree.mode=pt", "tree.branching=[2,2]", "tree.max_new_tokens=[24,24]",
+        f"output_root={tmp}", "tree.mode=pt", "tree.branching=[2,2]", "tree.max_new_tokens=[24,24]",
     ])
-    manifest = generate(cfg, out_dir=tmp_path / "pt", engines=engines, log=lambda _: None)
-    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "pt" / "dialogues" / "*.parquet"))["train"]
+    return tmp / "pt", generate(cfg, out_dir=tmp / "pt", engines=engines, log=lambda _: None)
+
+
+def test_tg_pt_writes_plain_text(pt_run):
+    out, manifest = pt_run
+    ds = datasets.load_dataset("parquet", data_files=str(out / "dialogues" / "*.parquet"))["train"]
     assert len(ds) == manifest["dialogues"] >= 1
     assert all(row["text"] and row["messages"] == [] for row in ds)
-    nodes = pd.read_parquet(tmp_path / "pt" / "nodes", partitioning=None)
+    nodes = pd.read_parquet(out / "nodes")
     assert set(nodes.role) == {"text"}
+
+
+def test_manifest_has_quality_and_the_card_loads_as_a_dataset(full_run, tmp_path):
+    out, manifest, lines = full_run
+    q = read_json(out / "manifest.json")["quality"]
+    assert q["questions"] == manifest["levels"]["1"]["kept"] + manifest["levels"]["3"]["kept"]
+    assert 0 < q["distinct_2"] <= 1 and 0 <= q["self_bleu"] <= 100
+    assert -1 <= q["mean_pairwise_cosine"] < 1 and 0 <= q["cluster_entropy"] <= 1
+    assert q["coverage"]["n"] == len(GENERAL_ITEMS) and 0 <= q["coverage"]["value"] <= 1  # the default eval task
+    assert q["embedded_questions"] == q["questions"]
+    assert any(line.startswith("quality: distinct-2 ") for line in lines)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\n")
+    dialogues = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf"))["train"]
+    assert len(dialogues) == manifest["dialogues"]
+    nodes = datasets.load_dataset(str(out), "nodes", cache_dir=str(tmp_path / "hf"))["train"]
+    assert len(nodes) == manifest["totals"]["generated"]
+
+
+def test_inspect_compares_two_corpora(full_run, pt_run, tmp_path, capsys):
+    sft, _, _ = full_run
+    pt, _ = pt_run
+    assert main(["inspect", str(sft), "--compare", str(pt), "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| metric" in table and "| corpus" in table and "| pt" in table and "| coverage" in table
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    assert list(report["corpora"]) == ["corpus", "pt"]
+    assert report["reference"] == {"tgsft_general": len(GENERAL_ITEMS)}
+    a, b = report["corpora"]["corpus"]["quality"], report["corpora"]["pt"]["quality"]
+    stored = read_json(sft / "manifest.json")["quality"]
+    for key in ("distinct_1", "distinct_2", "distinct_3", "self_bleu", "complete_sentence_rate", "levels"):
+        assert a[key] == stored[key]  # the same corpus measured twice: text metrics are exact
+    assert a["mean_pairwise_cosine"] == pytest.approx(stored["mean_pairwise_cosine"], abs=1e-4)
+    assert a["coverage"]["value"] == pytest.approx(stored["coverage"]["value"], abs=0.04)
+    assert b["answers"] == 0 and b["questions"] > 0 and b["lengths"]["answer"] is None
+    assert (tmp_path / "inspect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dedup_drops_injected_near_duplicates():

@@ -7,25 +7,22 @@ default, reduced in size; `make run` does the full-size one.
 import json
 import os
 import secrets
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from pipeline.serve import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +39,18 @@ def head():
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
     }
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
+    # Its own temp dir (short: Ray puts Unix sockets there), so `ray start` does not record this head as the
+    # machine's current cluster in /tmp/ray: after the test, a plain `ray.init()` must start a new Ray, not try to
+    # join a stopped head.
+    temp_dir = tempfile.mkdtemp(prefix="tgsft-head-", dir="/tmp")
     # Free ports for the agents too: the session's own Ray may hold their defaults.
-    agents = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-              f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
+    agents = [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+              f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
     proc = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}",
          *agents],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -63,23 +65,24 @@ def head():
                 break
             assert time.monotonic() < deadline, status.stderr.decode()[-2000:]
             time.sleep(2)
-        yield env, address
+        yield env, address, gcs
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
-    env, address = head
+    env, address, gcs = head
     out = tmp_path / "runs"
     overrides = [
         f"output_root={out}", "name=job",
         "tree.branching=[4,1,1,1]", "tree.max_new_tokens=[32,96,32,96]",
         "data.max_examples=64", "train.max_seq_len=256", "train.epochs=1", "train.micro_batch_size=4",
-        "eval.limit=10", "eval.domain.limit=8", "eval.retention_dialogues=2", f"serve.port={_free_port()}",
+        "eval.limit=10", "eval.domain.limit=8", "eval.retention_dialogues=2", f"serve.port={free_port()}",
     ]
     cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "tgsft", "run", "configs/local.yaml"] + [a for o in overrides for a in ("-o", o)]
@@ -113,3 +116,8 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     token = env["RAY_AUTH_TOKEN"].encode()
     leaked = [str(p) for p in run_dir.rglob("*") if p.is_file() and token in p.read_bytes()]
     assert not leaked, leaked
+    # The head is not recorded as the machine's current cluster (see the fixture).
+    from ray._common.utils import get_ray_address_file
+
+    current = Path(get_ray_address_file(None))
+    assert not (current.is_file() and str(gcs) in current.read_text()), current.read_text()

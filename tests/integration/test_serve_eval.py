@@ -1,5 +1,6 @@
 """Serve the embedded model with Ray Serve LLM and evaluate it end to end: tgsft_general, an offline mirror on an
-upstream-format fixture, the built-in domain task and the retention probe on a hand-made corpus; bad requests get
+upstream-format fixture, the built-in domain task, the retention probe on a hand-made corpus, lm-eval's per-sample
+files, the A/A repeat of base and the local KL probe (0 for a model against itself); bad requests get
 clear errors, and a killed replica is replaced (one served app for the whole module; start-up takes about a
 minute)."""
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,17 +17,11 @@ import pytest
 
 from pipeline.config import TGConfig
 from pipeline.corpus import DIALOGUE_SCHEMA, write_table
-from pipeline.serve import request_json
+from pipeline.serve import free_port, request_json
 
 pytestmark = pytest.mark.integration
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _corpus(directory: Path) -> Path:
@@ -52,7 +46,7 @@ def served(ray_session, model_path, tmp_path_factory):
     from pipeline.serve import serving
 
     cfg = TGConfig(output_root=str(tmp_path_factory.mktemp("runs")), name="it")
-    cfg.serve.port = _free_port()
+    cfg.serve.port = free_port()
     cfg.serve.kv_cache_gib = 1.0
     with serving(cfg, {"base": model_path}) as base_url:
         yield cfg, base_url
@@ -77,15 +71,19 @@ def test_evaluate_and_report(served, model_path, tmp_path):
     cfg.eval.domain.limit = 6
     cfg.eval.domain.max_new_tokens = 40
     cfg.eval.retention_dialogues = 4
+    cfg.eval.limit = 40
+    cfg.eval.noise_floor_concurrent = 2
+    cfg.eval.kl_prompts = 4
     out_dir = Path(cfg.run_dir) / "eval"
 
     results = evaluate(cfg, models={"base": model_path}, base_url=base_url, out_dir=out_dir,
                        corpus_dir=_corpus(tmp_path / "corpus"))
     stored = json.loads((out_dir / "base.json").read_text())
     assert stored == results["base"]
+    assert sorted(results) == ["base", "base_repeat"]  # the A/A repeat of base
 
     general = stored["tasks"]["tgsft_general"]
-    assert general["n"] >= 20
+    assert general["n"] == 40
     for name in ("acc", "acc_norm"):
         m = general["metrics"][name]
         assert 0.0 <= m["value"] <= 1.0 and m["stderr"] is not None and m["stderr"] > 0
@@ -93,6 +91,28 @@ def test_evaluate_and_report(served, model_path, tmp_path):
     assert general["metrics"]["acc"]["value"] >= 0.3
     arc = stored["tasks"]["tgsft_arc_easy"]
     assert arc["n"] == 3 and 0.0 <= arc["metrics"]["acc"]["value"] <= 1.0 and arc["metrics"]["acc"]["stderr"] >= 0
+
+    # per-item scores, the gold answer's log-probability, and lm-eval's own files for both scorings of base
+    items = general["items"]
+    assert items["ids"] == list(range(40))
+    assert sum(items["acc"]) / 40 == pytest.approx(general["metrics"]["acc"]["value"])
+    gold = items["gold_logprob_per_byte"]
+    assert len(gold) == 40 and all(-20.0 < g < 0.0 for g in gold)
+    assert general["metrics"]["gold_logprob_per_byte"]["value"] == pytest.approx(sum(gold) / 40)
+    for result_id in ("base", "base_repeat"):
+        native = json.loads((out_dir / result_id / "results.json").read_text())
+        assert set(native["results"]) == {"tgsft_general", "tgsft_arc_easy"}
+        samples = [json.loads(line) for line in (out_dir / result_id / "samples_tgsft_general.jsonl").open()]
+        assert sorted(r["doc_id"] for r in samples) == list(range(40))
+        first = min(samples, key=lambda r: r["doc_id"])
+        assert first["acc"] == items["acc"][0] and len(first["filtered_resps"]) == 4
+    assert (out_dir / "base" / "samples_tgsft_arc_easy.jsonl").is_file()
+    repeat = results["base_repeat"]
+    assert repeat["served_id"] == "base" and repeat["eval_config"]["num_concurrent"] == 2
+    assert "domain" not in repeat and repeat["tasks"]["tgsft_general"]["items"]["ids"] == items["ids"]
+
+    # KL of base against itself is exactly 0 (computed locally, deterministically)
+    assert stored["kl"]["n"] == 4 and stored["kl"]["value"] == 0.0 and stored["kl"]["items"]["values"] == [0.0] * 4
 
     domain = stored["domain"]
     assert domain["n"] == 6 and domain["primary"] == "json_exact"
@@ -111,7 +131,25 @@ def test_evaluate_and_report(served, model_path, tmp_path):
     report = write_report(Path(cfg.run_dir))
     row = next(r for r in report["rows"] if r["task"] == "tgsft_general" and r["metric"] == "acc")
     assert row["base"]["value"] == general["metrics"]["acc"]["value"]
+    assert report["noise_floor"] == "base_repeat" and report["variants"] == []
+    aa = next(c for c in report["comparisons"] if c["task"] == "tgsft_general" and c["metric"] == "acc")
+    assert aa["variant"] == "base_repeat" and aa["n"] == 40 and aa["paired"] is True
+    assert abs(aa["delta"]) <= 0.1  # batching alone moves a few items at most
     assert (Path(cfg.run_dir) / "report" / "report.png").is_file()
+
+
+def test_kl_probe_is_zero_for_a_model_against_itself(model_path, tmp_path):
+    """Two separately loaded copies of one model: KL exactly 0 on every generic dialogue, equal reference NLL."""
+    from pipeline.probes import drift_probes, generic_rows, load_reference_text
+
+    text = tmp_path / "reference.txt"
+    text.write_text("The river ran past the old mill.\n\nShe bought bread, eggs and milk at the market.\n")
+    out = drift_probes({"base": model_path, "copy": model_path}, reference_id="base", kl_rows=generic_rows(3),
+                       text_rows=load_reference_text(text), max_len=512, log=lambda _: None)
+    assert out["copy"]["kl"]["items"]["values"] == [0.0, 0.0, 0.0] and out["copy"]["kl"]["value"] == 0.0
+    assert out["copy"]["kl"]["items"]["ids"] == ["generic-00", "generic-01", "generic-02"]
+    assert out["copy"]["reference_nll"]["items"]["values"] == out["base"]["reference_nll"]["items"]["values"]
+    assert out["base"]["reference_nll"]["n"] == 2 and 0.5 < out["base"]["reference_nll"]["value"] < 10.0
 
 
 def _post(url: str, body: bytes) -> tuple[int, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.generate import check_output
+from pipeline.serve import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
@@ -68,6 +70,7 @@ CONFIG_CASES = {
     "missing model path": (["model.source=/nonexistent/model"],
                            "model.source: /nonexistent/model is not a Hugging Face model folder (no config.json"),
     "ZeRO stage 4": (["train.zero_stage=4"], "train.zero_stage"),
+    "fp16 on CPU": (["train.precision=fp16"], "train.precision: fp16 needs GPUs (train.use_gpu: true)"),
     "override without a value": (["tree.branching"], "override 'tree.branching': expected key.path=value"),
 }
 
@@ -113,10 +116,25 @@ def test_existing_output_with_another_config(capsys, out):
     before = _files(out)
     code, err = _run(capsys, out)
     assert code == 1 and f"{corpus} holds a corpus made with another config (hash 0123456789abcdef" in err, err
-    assert "--overwrite" in err
+    assert err.rstrip().endswith("; remove it, or choose another name or output_root") and "--overwrite" not in err
     assert _files(out) == before  # not even config.yaml was written
 
 
+def test_check_output_reuses_refuses_or_replaces(tmp_path):
+    cfg = load_config(None)
+    corpus = tmp_path / "corpus"
+    assert check_output(cfg, corpus)[1] is None  # nothing there: a fresh start
+    digest = check_output(cfg, corpus)[0]
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text(json.dumps({"config_hash": digest, "levels": {}}))
+    assert check_output(cfg, corpus) == (digest, {"config_hash": digest, "levels": {}})  # same config: resume
+    other = load_config(None, overrides=["model.dtype=float32"])
+    with pytest.raises(ValueError, match=r"another config .*; use --overwrite or another --out$"):
+        check_output(other, corpus)
+    assert check_output(other, corpus, overwrite=True)[1] is None and not corpus.exists()
+
+
+@pytest.mark.model
 def test_generate_refuses_a_foreign_output_dir(capsys, tmp_path):
     foreign = tmp_path / "corpus"
     foreign.mkdir()
@@ -181,6 +199,7 @@ def test_bad_domain_eval_file(capsys, out, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.model
 def test_row_longer_than_max_seq_len(capsys, tmp_path, model_path):
     """Needs the tokenizer: a row whose reply starts beyond train.max_seq_len cannot train and is named."""
     long_row = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
@@ -221,25 +240,21 @@ def test_eval_missing_data_dir_and_mirror_file(capsys, tmp_path, fake_model):
     assert not (tmp_path / "eval").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.model
 def test_eval_unknown_task(capsys, tmp_path, fake_model):
     code, err = _eval(capsys, tmp_path, fake_model, "http://127.0.0.1:9", "-o", "eval.tasks=[tgsft_general,arc_eazy]")
     assert code == 1 and "eval.tasks: unknown task 'arc_eazy'; did you mean arc_easy" in err, err
     assert not (tmp_path / "eval").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_eval_unreachable_endpoint(capsys, tmp_path, fake_model):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     code, err = _eval(capsys, tmp_path, fake_model, url, "-o", "serve.ready_timeout_s=2")
     assert code == 1 and f"{url}: models ['base'] not ready after 2 s" in err and "refused" in err, err
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.model
 def test_eval_endpoint_without_prompt_logprobs(capsys, tmp_path, fake_model, no_logprobs_endpoint):
     code, err = _eval(capsys, tmp_path, fake_model, no_logprobs_endpoint)
     assert code == 1 and "(model 'base') must return prompt-token logprobs with echo=true" in err, err
@@ -252,7 +267,7 @@ def test_eval_endpoint_without_prompt_logprobs(capsys, tmp_path, fake_model, no_
 
 def test_serve_bad_model_arguments(capsys, tmp_path):
     code, err = _tgsft(capsys, "serve", "--model", f"base={tmp_path / 'nope'}")
-    assert code == 1 and f"serve: model 'base': {tmp_path / 'nope'} is not a Hugging Face folder" in err, err
+    assert code == 1 and f"serve: model 'base': {tmp_path / 'nope'} is not a Hugging Face model folder" in err, err
     code, err = _tgsft(capsys, "serve", "--model", "base")
     assert code == 1 and "--model 'base': expected ID=PATH" in err, err
 

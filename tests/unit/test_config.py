@@ -65,6 +65,15 @@ INVALID = {
     "top level list": ("- a\n- b\n", "top level must be a mapping"),
     "bad truncation policy": ("tree:\n  preset: deep\n  filters:\n    truncated: maybe\n", "tree.filters.truncated"),
     "kv cache fraction": ("engine:\n  kv_cache_gib: 0.5\n", "engine.kv_cache_gib"),
+    "fp16 on CPU": ("train:\n  precision: fp16\n", "train.precision: fp16 needs GPUs (train.use_gpu: true); on "
+                    "CPU use bf16 or fp32 (got 'fp16')"),
+    "parameter offload below ZeRO-3": ("train:\n  offload_param: true\n",
+                                       "train.offload_param: parameter offload needs train.zero_stage: 3, not 2"),
+    "optimizer offload at ZeRO-0": ("train:\n  zero_stage: 0\n  offload_optimizer: true\n",
+                                    "train.offload_optimizer: optimizer offload needs train.zero_stage: 1, 2 or 3"),
+    "GPUs per replica != tensor parallel size": (
+        "engine:\n  gpus_per_replica: 1\n  tensor_parallel_size: 2\n",
+        "engine.gpus_per_replica: one GPU per tensor-parallel rank: must equal engine.tensor_parallel_size (2)"),
 }
 
 
@@ -81,6 +90,33 @@ def test_all_errors_reported_at_once(tmp_path):
         load_config(_write(tmp_path, "mix:\n  tg_ratio: 2\ntrain:\n  epochs: 0\n  lr: -1\n"))
     msg = str(e.value)
     assert "3 invalid setting(s)" in msg and "mix.tg_ratio" in msg and "train.epochs" in msg and "train.lr" in msg
+    text = "engine:\n  gpus_per_replica: 3\ntrain:\n  precision: fp16\n  offload_param: true\n"
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text), overrides=["mix.tg_ratio=2"])
+    lines = str(e.value).splitlines()[1:]
+    assert "4 invalid setting(s)" in str(e.value)
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "engine.gpus_per_replica", "mix.tg_ratio", "train.precision", "train.offload_param"]
+
+
+def test_cross_field_rules_accept_valid_combinations():
+    cfg = load_config(None, overrides=["train.use_gpu=true", "train.precision=fp16", "train.zero_stage=3",
+                                       "train.offload_param=true", "engine.gpus_per_replica=2",
+                                       "engine.tensor_parallel_size=2"])
+    assert cfg.train.offload_param and cfg.engine.gpus_per_replica == 2
+    assert load_config(None, overrides=["engine.gpus_per_replica=0.5"]).engine.gpus_per_replica == 0.5  # shared GPU
+    with pytest.raises(ValueError, match="train.zero_stage: 3"):  # assignments are validated too
+        cfg.train.zero_stage = 2
+
+
+def test_preset_override_replaces_the_files_layer_lists():
+    """`tgsft run configs/local.yaml -o tree.preset=wide` (the README's example) runs the wide tree."""
+    wide = load_config(None, overrides=["tree.preset=wide"]).tree
+    local = load_config(REPO / "configs" / "local.yaml", overrides=["tree.preset=wide"]).tree
+    assert local.branching == wide.branching and local.max_new_tokens == wide.max_new_tokens
+    assert load_config(REPO / "configs" / "local.yaml").tree.branching == [12, 1, 2, 1]  # the file's own lists
+    later = load_config(REPO / "configs" / "local.yaml", overrides=["tree.preset=wide", "tree.branching=[5,1,1,1]"])
+    assert later.tree.branching == [5, 1, 1, 1] and later.tree.max_new_tokens == wide.max_new_tokens
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

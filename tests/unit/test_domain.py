@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -15,6 +16,7 @@ from pipeline.domain import (
     split_reference,
     token_f1,
 )
+from pipeline.stats import mean_stderr
 
 
 def _rows(path):
@@ -71,6 +73,9 @@ def test_score_items_mean_and_stderr():
     assert out["exact_match"]["value"] == pytest.approx(0.75)
     assert out["exact_match"]["stderr"] == pytest.approx((0.25 / 4) ** 0.5)  # sample std 0.5, n = 4
     assert "json_exact" not in out  # references are not JSON
+    assert score_items(["a"], ["a"])["exact_match"] == {"value": 1.0, "stderr": 0.0, "higher_is_better": True}
+    mean, se = mean_stderr([])
+    assert math.isnan(mean) and se is None
 
 
 def test_reference_is_the_last_assistant_message(tmp_path):

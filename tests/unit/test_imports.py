@@ -6,9 +6,10 @@ import sys
 import pytest
 
 HEAVY = ("vllm", "torch", "deepspeed", "ray", "transformers", "lm_eval", "sentence_transformers")
-MODULES = ["pipeline", "pipeline.config", "pipeline.cli", "pipeline.chat", "pipeline.tree", "pipeline.dedup",
-           "pipeline.corpus", "pipeline.generate", "pipeline.run", "pipeline.model", "pipeline.runtime",
-           "actors.engine", "actors.embedder"]
+MODULES = ["pipeline", "pipeline.config", "pipeline.cachekey", "pipeline.cli", "pipeline.chat", "pipeline.tree",
+           "pipeline.dedup", "pipeline.corpus", "pipeline.generate", "pipeline.run", "pipeline.model", "pipeline.runtime",
+           "pipeline.quality", "pipeline.reference", "pipeline.card",
+           "pipeline.inspect_corpus", "actors.engine", "actors.embedder"]
 
 
 @pytest.mark.parametrize("module", MODULES)

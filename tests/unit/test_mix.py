@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.corpus import DIALOGUE_SCHEMA, heldout_ids, write_table
 from pipeline.mix import MIX_SCHEMA, build_mix, epoch_order, load_tg, write_mix
-from pipeline.train import lr_multiplier, training_stream
+from pipeline.schedule import lr_multiplier
+from pipeline.train import training_stream
 
 
 def _domain(n: int) -> list[list[dict]]:

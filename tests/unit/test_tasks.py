@@ -96,6 +96,7 @@ def _standard_task(name: str):
     return ConfigurableTask(config=cfg)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("mirror", sorted(__import__("pipeline.tasks", fromlist=["MIRRORS"]).MIRRORS))
 def test_mirror_matches_standard_task(manager, mirror):
     from pipeline.tasks import MIRRORS
@@ -122,6 +123,7 @@ def test_mirror_matches_standard_task(manager, mirror):
             assert task.config.filter_list == std.config.filter_list
 
 
+@pytest.mark.model
 def test_mirror_prompts_are_the_expected_text(manager):
     arc = manager.load(["tgsft_arc_easy"])["tasks"]["tgsft_arc_easy"]
     doc = arc.eval_docs[2]
@@ -133,6 +135,7 @@ def test_mirror_prompts_are_the_expected_text(manager):
     assert wino.doc_to_choice(wino.eval_docs[2])[wino.doc_to_text(wino.eval_docs[2])].endswith("because Maria")
 
 
+@pytest.mark.model
 def test_general_task_is_builtin_and_valid(manager):
     from pipeline.tasks.loaders import GENERAL_ITEMS
 
@@ -190,6 +193,7 @@ def test_importing_tasks_package_skips_lm_eval():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.model
 def test_loglikelihood_tasks_fail_clearly_without_prompt_logprobs(no_logprobs_endpoint):
     from pipeline.evaluate import EndpointError, retention_probe, run_lm_eval
 

@@ -69,6 +69,7 @@ def _trained_runs(tok, ex: TokenizedExample) -> list[str]:
     return runs
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("template", "expected"),
     [
@@ -95,6 +96,7 @@ def test_mask_covers_exactly_the_assistant_turns(model_path, template, expected)
     assert tok.decode(ex.input_ids) == full
 
 
+@pytest.mark.model
 def test_marker_split_by_bpe_keeps_the_straddling_token(tok):
     # Without special tokens BPE merges the end of '<|eot_id|>' with the next turn's '<': that token is trained
     # on, because emitting the end-of-turn marker needs it.
@@ -102,11 +104,13 @@ def test_marker_split_by_bpe_keeps_the_straddling_token(tok):
     assert _trained_runs(tok, ex) == ["hello there<|eot_id|><", "Sure: 1, 2, 3.<|eot_id|>"]
 
 
+@pytest.mark.model
 def test_template_without_stable_prefixes_is_refused(tok):
     with pytest.raises(ValueError, match="not prefix-stable"):
         tokenize_chat(tok, DIALOGUE, max_seq_len=512, chat_template=SYSTEM_LAST)
 
 
+@pytest.mark.model
 def test_truncation_keeps_the_start_and_drops_examples_without_assistant_tokens(tok):
     full = tokenize_chat(tok, DIALOGUE, max_seq_len=512)
     first_trained = next(j for j, lab in enumerate(full.labels) if lab != IGNORE_INDEX)
@@ -116,12 +120,14 @@ def test_truncation_keeps_the_start_and_drops_examples_without_assistant_tokens(
     assert tokenize_chat(tok, DIALOGUE, max_seq_len=first_trained) is None
 
 
+@pytest.mark.model
 def test_text_rows_train_on_every_token_but_the_first(tok):
     ex = tokenize_text(tok, "Water boils at 100 degrees Celsius at sea level.", max_seq_len=512)
     assert ex.input_ids[-1] == tok.eos_token_id
     assert ex.labels[0] == IGNORE_INDEX and ex.labels[1:] == ex.input_ids[1:]
 
 
+@pytest.mark.model
 def test_tokenize_batch_packs_and_counts(tok):
     batch = {
         "messages": [DIALOGUE[1:3], [], DIALOGUE[1:]],
@@ -165,6 +171,7 @@ def test_collate_block_diagonal_mask():
     assert flat["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 
+@pytest.mark.model
 def test_packed_forward_equals_unpacked_forward():
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM

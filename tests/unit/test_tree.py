@@ -76,3 +76,55 @@ def test_grow_paths_yields_root_to_leaf_dialogues():
     msgs = tree.path_messages([{"role": "system", "content": "S"}], paths["a4"])
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
     assert [m["content"] for m in msgs[1:]] == ["Q1", "A1", "Q4", "A4"]
+
+
+def _grow(branching, seed, drop=lambda level, row: False):
+    """A structurally complete corpus: every kept node gets its N_i children; ``drop`` decides which are dropped."""
+    levels, parents = [], [{"node_id": tree.ROOT_ID, "group": None}]
+    for level, n in enumerate(branching, start=1):
+        rows = tree.expand(parents, level=level, branching=n, run_seed=seed)
+        for r in rows:
+            dropped = drop(level, r)
+            r.update(status="dropped" if dropped else "kept", drop_reason="truncated" if dropped else None)
+        levels.append(rows)
+        parents = [r for r in rows if r["status"] == "kept"]
+    return levels
+
+
+def test_check_levels_accepts_any_complete_corpus_whatever_was_kept():
+    for drop in (lambda lv, r: False, lambda lv, r: lv == 1 and r["branch"] == 0, lambda lv, r: r["branch"] == 1):
+        levels = _grow([3, 1, 2, 1], 7, drop)
+        assert tree.check_levels(levels, branching=[3, 1, 2, 1], run_seed=7) == []
+
+
+def test_check_levels_finds_each_kind_of_break():
+    levels = _grow([3, 1, 2, 1], 7)
+    missing = [lv[:] for lv in levels]
+    del missing[2][0]  # a lost child of a kept parent: its own child is an orphan one level down
+    assert tree.check_levels(missing, branching=[3, 1, 2, 1], run_seed=7) == [
+        "level 3: 1 child(ren) of kept parents missing", "level 4: 1 node(s) that are no child of a kept level-3 node"]
+    duplicated = [lv[:] for lv in levels]
+    duplicated[1].append(dict(duplicated[1][0]))  # the same node written twice (e.g. a retried batch)
+    assert tree.check_levels(duplicated, branching=[3, 1, 2, 1], run_seed=7)[0].startswith(
+        "level 2: 1 duplicate node id(s)")
+    orphaned = _grow([3, 1, 2, 1], 7, lambda lv, r: lv == 1 and r["branch"] == 2)
+    orphaned[1] = levels[1]  # children of a dropped question
+    assert tree.check_levels(orphaned[:2], branching=[3, 1], run_seed=7) == [
+        "level 2: 1 node(s) that are no child of a kept level-1 node"]
+    reseeded = [[dict(r) for r in lv] for lv in levels]
+    reseeded[0][0]["seed"] += 1
+    assert tree.check_levels(reseeded, branching=[3, 1, 2, 1], run_seed=7) == [
+        f"level 1: node {reseeded[0][0]['node_id']} has another parent, branch or seed than its id"]
+    unexplained = [[dict(r) for r in lv] for lv in levels]
+    unexplained[3][0]["status"] = "dropped"
+    assert "is 'dropped' with drop reason None" in tree.check_levels(unexplained, branching=[3, 1, 2, 1],
+                                                                      run_seed=7)[0]
+
+
+def test_complete_paths_go_through_kept_nodes_only():
+    levels = _grow([2, 1, 2, 1], 3, lambda lv, r: lv == 3 and r["branch"] == 0)
+    paths = tree.complete_paths(levels)
+    assert len(paths) == 2  # 2 questions x 1 answer x (2 follow-ups - 1 dropped) x 1 answer
+    kept = {r["node_id"] for lv in levels for r in lv if r["status"] == "kept"}
+    for p in paths:
+        assert len(p) == 4 and set(p) <= kept
