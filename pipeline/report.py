@@ -393,6 +393,9 @@ def _markdown(report: dict[str, Any]) -> str:
                 cells += [_fmt(c["value"], c["stderr"]), _fmt(c["delta"]), _fmt(c["retention_pct"], pct=True)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    from pipeline.quality import corpus_markdown
+
+    lines += corpus_markdown(report.get("corpus"))
     lines.append("`*` primary metric of the task.")
     return "\n".join(lines) + "\n"
 
@@ -469,7 +472,10 @@ def write_report(run_dir: Path, *, out_dir: Path | None = None) -> dict:
     Raises:
         FileNotFoundError: no eval results, or none for the base model.
     """
+    from pipeline.quality import corpus_section
+
     report = build_report(_load(Path(run_dir) / "eval"))
+    report["corpus"] = corpus_section(Path(run_dir) / "corpus")  # the TG corpus's quality, beside the forgetting
     out_dir = Path(out_dir or Path(run_dir) / "report")
     _plot(report, out_dir / "report.png")  # report.json, the one other tools read, is written last
     atomic_write_text(out_dir / "report.md", _markdown(report))

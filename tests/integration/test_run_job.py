@@ -95,6 +95,8 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     run_dir = out / "job"
     corpus = json.loads((run_dir / "corpus" / "manifest.json").read_text())
     assert corpus["status"] == "complete" and corpus["dialogues"] >= 1
+    assert {"distinct_2", "self_bleu", "mean_pairwise_cosine", "cluster_entropy"} <= set(corpus["quality"])
+    assert (run_dir / "corpus" / "README.md").read_text().startswith("---\n")  # the dataset card's YAML header
     assert (run_dir / "train" / "model" / "config.json").is_file()
     assert list((run_dir / "train" / "model").glob("*.safetensors"))
     evals = {m: json.loads((run_dir / "eval" / f"{m}.json").read_text()) for m in ("base", "tuned")}
