@@ -151,7 +151,7 @@ def _markdown(result: dict) -> str:
          f"({result['dtype_reason']}); enforce_eager {result['enforce_eager']}."), "",
         common.table(rows, ["arm", "concurrent x batch", "requests", "seconds", "requests/s", "acc",
                             "load after"]), "",
-        (f"**ratio** (tgsft {s['tgsft_requests_per_s']} / plain {s['plain_requests_per_s']} requests/s, medians): "
+        (f"**ratio** (tgsft {s['tgsft_requests_per_s']:.3g} / plain {s['plain_requests_per_s']:.3g} requests/s, medians): "
          f"**{s['ratio']}**; best tgsft setting: {s['best_tgsft_setting']} ({s['best_tgsft_requests_per_s']} "
          "requests/s)."), "",
     ])
@@ -208,9 +208,9 @@ def main() -> None:
         for conc, bs in extra:
             record(run_tgsft(cfg, url, model_path, num_concurrent=conc, batch_size=bs, work=work))
 
-    med = lambda arm, setting=None: statistics.median(  # noqa: E731
+    med = lambda arm, setting=None: round(statistics.median(  # noqa: E731
         r["requests_per_s"] for r in runs if r["arm"] == arm and (setting is None or
-                                                                (r["num_concurrent"], r["batch_size"]) == setting))
+                                                                (r["num_concurrent"], r["batch_size"]) == setting)), 3)
     per_setting = {f"{c}x{b}": med("tgsft", (c, b)) for c, b in dict.fromkeys([default, *extra])}
     best = max(per_setting, key=per_setting.get)
     summary = {"tgsft_requests_per_s": med("tgsft", default), "plain_requests_per_s": med("plain"),
