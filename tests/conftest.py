@@ -1,6 +1,6 @@
 """Shared fixtures. Pure unit tests need none of them but the small HTTP stub (unit tests marked ``model`` use the
-prepared model); integration tests share one Ray cluster, one prepared embedded model and one vLLM engine pool per
-session, because each engine start costs 20-100 s here."""
+prepared model); integration tests share one Ray cluster and one prepared embedded model per session, and one vLLM
+engine per test module, because each engine start costs 20-100 s here."""
 
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def engines(ray_session, model_path):
-    """One vLLM engine actor on the embedded model, shared by every generation test."""
+    """One vLLM engine actor on the embedded model, shared by a module's generation tests. Module scope: an idle
+    vLLM CPU engine keeps polling (~20-30 % of a core), which the training and serving tests after it need."""
     from actors.engine import start_engines, stop_engines
     from pipeline.config import EngineConfig, ModelConfig
     from pipeline.generate import engine_options
