@@ -37,6 +37,7 @@ __all__ = [
     "NODE_FILES",
     "NODE_SCHEMA",
     "atomic_write_bytes",
+    "atomic_write_figure",
     "atomic_write_text",
     "heldout_ids",
     "level_dir",
@@ -115,6 +116,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_figure(fig: Any, path: Path, *, dpi: int = 110) -> None:
+    """Render a matplotlib figure to PNG, close it, and write it with :func:`atomic_write_bytes`."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

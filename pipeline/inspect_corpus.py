@@ -11,7 +11,6 @@ Embeddings come from all-MiniLM-L6-v2 loaded in this process; without it the emb
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline import quality
-from pipeline.corpus import atomic_write_bytes, atomic_write_text
+from pipeline.corpus import atomic_write_figure, atomic_write_text
 from pipeline.reference import read_reference, reference_questions
 
 __all__ = ["inspect_corpora", "table_rows"]
@@ -121,10 +120,7 @@ def _plot(results: dict[str, dict], path: Path) -> None:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=8)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, png.getvalue())
+    atomic_write_figure(fig, path)
 
 
 def inspect_corpora(

@@ -26,12 +26,11 @@ built-in generic dialogues and the NLL on user-supplied reference text do not.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.corpus import atomic_write_bytes, atomic_write_text
+from pipeline.corpus import atomic_write_figure, atomic_write_text
 
 __all__ = ["AA_ID", "BASE_ID", "CONTROL_ID", "build_report", "write_report"]
 
@@ -453,10 +452,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("Δ vs base (paired, 95 % CI); grey bar: ± A/A noise floor", fontsize=8)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, png.getvalue())
+    atomic_write_figure(fig, path)
 
 
 def write_report(run_dir: Path, *, out_dir: Path | None = None) -> dict:
