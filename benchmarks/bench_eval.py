@@ -1,6 +1,6 @@
 """tgsft's lm-eval scoring vs a plain lm-eval ``local-completions`` client, same tasks, items and model, side by side.
 
-    .venv/bin/python benchmarks/bench_eval.py                                  # ~8 min on 2 idle cores
+    .venv/bin/python benchmarks/bench_eval.py                                  # ~12 min on 2 idle cores
     .venv/bin/python benchmarks/bench_eval.py --limit 100 --settings 4x8       # more items, fewer tgsft settings
 
 One Ray, one Serve HTTP proxy, two applications deployed once, warmed up, and kept for every arm:
@@ -14,8 +14,8 @@ Arm A is ``pipeline.evaluate.run_lm_eval`` with the config's ``eval`` values (wh
 against ``tgsft``. Arm B is ``lm_eval.simple_evaluate(model="local-completions")`` with ``num_concurrent=16`` and
 ``batch_size=1`` against ``plain``. Both use the offline mirrors in ``--data-dir`` with ``--limit`` items per task.
 Requests are lm-eval's loglikelihood requests (one per answer choice), counted from each arm's per-sample records;
-requests/s divides them by the wall time of the scoring call (Serve start-up excluded). A and B alternate
-(``--repeats`` pairs); afterwards arm A runs once per extra ``--settings`` entry (``num_concurrent x batch_size``).
+requests/s divides them by the wall time of the scoring call (Serve start-up excluded). After an untimed pass of each
+arm on 2 items, A and B alternate (``--repeats`` pairs); afterwards arm A runs once per extra ``--settings`` entry (``num_concurrent x batch_size``).
 
 Writes ``benchmarks/results/bench_eval.json`` and ``.md``.
 """
@@ -38,7 +38,7 @@ import common  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 TASKS = ["tgsft_arc_easy", "tgsft_sciq"]  # 4 choices per item: ~4 requests per item
-LIMIT = 10  # items per task: ~80 requests per arm, ~30 s each at ~3 requests/s (AVX2 CPU, fp32)
+LIMIT = 20  # items per task: ~160 requests per arm, ~60 s each at ~3 requests/s (AVX2 CPU, fp32)
 PLAIN_CONCURRENT = 16  # the plain client: 16 parallel requests, one lm-eval request per HTTP call
 PLAIN_ID = "smollm2"
 PLAIN_ROUTE = "/plain"
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--limit", type=int, default=LIMIT, help="items per task")
     ap.add_argument("--data-dir", default=str(common.REPO.parent / "shared" / "data" / "eval"))
-    ap.add_argument("--repeats", type=int, default=2, help="A/B pairs at the config's eval settings, alternated")
+    ap.add_argument("--repeats", type=int, default=3, help="A/B pairs at the config's eval settings, alternated")
     ap.add_argument("--settings", default="4x8,32x1",
                     help="extra tgsft runs, num_concurrent x batch_size, comma-separated ('' for none)")
     ap.add_argument("--name", default="bench_eval")
@@ -201,6 +201,11 @@ def main() -> None:
         startup = round(time.monotonic() - t0, 1)
         warm_up(url, "base")
         warm_up(f"{url}{PLAIN_ROUTE}", PLAIN_ID)
+        # One untimed pass of each client on 2 items: the first lm-eval call of a process builds its task index and
+        # loads the datasets, which would otherwise be charged to whichever arm runs first.
+        tiny = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 2})})
+        run_tgsft(tiny, url, model_path, num_concurrent=default[0], batch_size=default[1], work=work)
+        run_plain(tiny, url, model_path)
         print(f"both apps ready in {startup} s at {url}; dtype {dtype} ({reason})", flush=True)
         for _ in range(args.repeats):
             record(run_tgsft(cfg, url, model_path, num_concurrent=default[0], batch_size=default[1], work=work))

@@ -22,7 +22,8 @@ examples, the retention probe's code on domain dialogues) and the retention prob
 
 Everything is written under ``--work-dir`` (default /tmp/tgsft-forgetting): ``data/``, ``corpus_<preset>/``,
 ``arms/<arm>/train/model`` and ``arms/<arm>/result-<tag>.json``. Each step is skipped when its output exists, so a
-crash only redoes the unfinished arm. The summary goes to ``benchmarks/results/<name>.{json,md,png}``.
+crash only redoes the unfinished arm. All arms are trained first, then scored ``--serve-group`` at a time on one Ray
+Serve app (one start-up per group). The summary goes to ``benchmarks/results/<name>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -161,47 +162,81 @@ def run_train(args, arm: str, files: tuple[Path, Path]) -> Path:
     return model
 
 
-def run_eval(args, arm: str, model: Path, files: tuple[Path, Path]) -> dict:
-    """Serve one arm's model, run ``pipeline.evaluate`` plus the domain NLL and the Wide-Tree retention probe."""
+def _stored_result(args, arm: str) -> dict | None:
+    """The arm's result of an earlier scoring with the same eval settings, if any (and not ``--force-eval``)."""
+    out = args.work_dir / "arms" / arm / f"result-{args.tag}.json"
+    if not out.is_file() or args.force_eval:
+        return None
+    stored = json.loads(out.read_text())
+    ev = stored.get("eval_config", {})
+    if ev.get("limit") == args.limit and ev.get("tasks") == args.tasks and ev.get("data_dir") == str(args.eval_data_dir):
+        log(f"{arm}: reusing {out}")
+        return stored
+    log(f"{arm}: {out} was scored with other eval settings; scoring again")
+    return None
+
+
+def _score(args, arm: str, model: Path, files: tuple[Path, Path], url: str) -> dict:
+    """``pipeline.evaluate`` plus the domain NLL and the Wide-Tree retention probe of one served arm."""
     from pipeline.data import load_examples
     from pipeline.evaluate import _heldout_dialogues, evaluate, retention_probe
-    from pipeline.serve import free_port, serving
 
-    out = args.work_dir / "arms" / arm / f"result-{args.tag}.json"
-    if out.is_file() and not args.force_eval:
-        stored = json.loads(out.read_text())
-        ev = stored.get("eval_config", {})
-        if ev.get("limit") == args.limit and ev.get("tasks") == args.tasks and ev.get("data_dir") == str(
-                args.eval_data_dir):
-            log(f"{arm}: reusing {out}")
-            return stored
-        log(f"{arm}: {out} was scored with other eval settings; scoring again")
-    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1], port=free_port())
+    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
     domain_rows = [{"dialogue_id": f"heldout-{i:04d}", "messages": m}
                    for i, m in enumerate(load_examples([files[1]], fmt="auto").examples)]
     probes = {name: args.work_dir / f"corpus_{name}" for name in PRESETS}
     t0 = time.monotonic()
-    with serving(cfg, {arm: str(model)}) as url:
-        log(f"{arm}: serving at {url} ({time.monotonic() - t0:.0f} s)")
-        result = evaluate(cfg, models={arm: str(model)}, base_url=url, out_dir=cfg.run_dir / f"eval-{args.tag}",
-                          corpus_dir=probes["balance"])[arm]
+    result = evaluate(cfg, models={arm: str(model)}, base_url=url, out_dir=cfg.run_dir / f"eval-{args.tag}",
+                      corpus_dir=probes["balance"])[arm]
 
-        def probe(dialogues: list[dict]) -> dict:
-            return retention_probe(base_url=url, model_id=arm, tokenizer=str(model), dialogues=dialogues,
-                                   max_len=cfg.model.max_model_len, num_concurrent=cfg.eval.num_concurrent)
+    def probe(dialogues: list[dict]) -> dict:
+        return retention_probe(base_url=url, model_id=arm, tokenizer=str(model), dialogues=dialogues,
+                               max_len=cfg.model.max_model_len, num_concurrent=cfg.eval.num_concurrent)
 
-        result["domain_nll"] = probe(domain_rows)
-        if (probes["wide"] / "dialogues").is_dir():
-            result["retention_wide"] = probe(_heldout_dialogues(probes["wide"], cfg.eval.retention_dialogues))
+    result["domain_nll"] = probe(domain_rows)
+    if (probes["wide"] / "dialogues").is_dir():
+        result["retention_wide"] = probe(_heldout_dialogues(probes["wide"], cfg.eval.retention_dialogues))
     result["eval_seconds_total"] = round(time.monotonic() - t0, 1)
     manifest = cfg.run_dir / "train" / "manifest.json"
     if arm != "base" and manifest.is_file():
         m = json.loads(manifest.read_text())
         result["train"] = {k: m.get(k) for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss",
                                                  "train_seconds", "mix", "tokenization", "train")}
+    out = args.work_dir / "arms" / arm / f"result-{args.tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"{arm}: eval done in {result['eval_seconds_total']:.0f} s -> {out}")
     return result
+
+
+def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> dict[str, dict]:
+    """Score every arm's model: stored results are reused, the rest are served ``--serve-group`` at a time on one
+    Ray Serve app (one start-up per group instead of per arm) and scored one after another. ``done(results)`` is
+    called after every arm, so a crash keeps what was scored."""
+    from pipeline.serve import free_port, serving
+
+    results: dict[str, dict] = {}
+    todo = {}
+    for arm, model in models.items():
+        stored = _stored_result(args, arm)
+        if stored is None:
+            todo[arm] = model
+        else:
+            results[arm] = stored
+    names = list(todo)
+    for i in range(0, len(names), args.serve_group):
+        group = {arm: str(todo[arm]) for arm in names[i:i + args.serve_group]}
+        cfg = arm_config(args, names[i], train_file=files[0], heldout_file=files[1], port=free_port())
+        t0 = time.monotonic()
+        with serving(cfg, group) as url:
+            log(f"{', '.join(group)}: serving at {url} ({time.monotonic() - t0:.0f} s)")
+            for arm in group:
+                try:
+                    results[arm] = _score(args, arm, todo[arm], files, url)
+                except Exception as e:  # one arm's failed eval must not lose the others
+                    log(f"{arm}: eval FAILED: {type(e).__name__}: {e}")
+                    continue
+                done(results)
+    return results
 
 
 # ----------------------------------------------------------------------------- summary
@@ -367,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--summary-only", action="store_true",
                    help="rewrite the summary from the stored result-<tag>.json files (no Ray, nothing run)")
     p.add_argument("--force-eval", action="store_true", help="re-score even when result-<tag>.json exists")
+    p.add_argument("--serve-group", type=int, default=4,
+                   help="arms served together on one Serve app while scoring (each holds its model and KV cache)")
     p.add_argument("--results-dir", type=Path, default=None, help="summary folder (default benchmarks/results)")
     p.add_argument("--name", default=None, help="result file stem (default forgetting, or forgetting_<tag>)")
     args = p.parse_args(argv)
@@ -408,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         if "replay_gsm8k" in args.arms:
             prepare_replay(args.shared_data, args.work_dir, n=args.replay_rows)
 
-    results: dict[str, dict] = {}
+    models: dict[str, Path] = {}
     for arm in args.arms:
         model = args.work_dir / "arms" / arm / "train" / "model"
         if arm == "base" or not args.eval_only:
@@ -418,14 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         elif not (model / "config.json").is_file():
             log(f"{arm}: no trained model at {model}; skipped (--eval-only)")
             continue
-        if args.train_only:
-            continue
-        try:
-            results[arm] = run_eval(args, arm, model, files)
-        except Exception as e:  # one arm's failed eval must not lose the others
-            log(f"{arm}: eval FAILED: {type(e).__name__}: {e}")
-            continue
-        write_outputs(args, results, setup)  # after every arm, so a partial run still leaves a summary
+        models[arm] = model
+    if not args.train_only:
+        # after every arm, so a partial run still leaves a summary
+        results = run_evals(args, models, files, done=lambda r: write_outputs(args, r, setup))
+        write_outputs(args, results, setup)
     log(f"done in {(time.monotonic() - t0) / 60:.1f} min")
     return 0
 

@@ -1,4 +1,4 @@
-"""Reference questions for knowledge coverage (:func:`pipeline.quality.coverage`): the eval tasks' questions, or any
+"""Reference questions for knowledge coverage (:func:`pipeline.textmetrics.coverage`): the eval tasks' questions, or any
 file of questions.
 
 Reads the offline eval mirrors' upstream files (``eval.data_dir``, see :mod:`pipeline.tasks.loaders`),

@@ -28,7 +28,7 @@ from pipeline.generate import generate
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BRANCHING, SEED = [3, 1, 2, 1], 11
-OVERRIDES = [f"tree.branching={BRANCHING}", "tree.max_new_tokens=[40,96,40,96]", f"tree.seed={SEED}",
+OVERRIDES = [f"tree.branching={BRANCHING}", "tree.max_new_tokens=[32,64,32,64]", f"tree.seed={SEED}",
              "engine.enforce_eager=true", "engine.kv_cache_gib=1"]
 
 
@@ -110,7 +110,10 @@ def _pid(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
 
 
-def test_engine_actor_killed_mid_level_is_restarted(reference, tmp_path, engines):
+def test_engine_actor_killed_mid_level_is_restarted(reference, tmp_path, engines, record_property):
+    """Also the batch-composition check: level 1 finished before the kill, in full batches instead of the
+    reference's one row per call; both corpora are complete and share level 1's node ids, while their texts may
+    differ (they do wherever the engine is not batch-invariant)."""
     import ray
 
     out = tmp_path / "corpus"
@@ -134,16 +137,7 @@ def test_engine_actor_killed_mid_level_is_restarted(reference, tmp_path, engines
     assert _pid(engines[0]) != pid_before, "the engine actor was not restarted"
     levels = assert_complete(out, result)
     assert _level1_ids(levels) == _level1_ids(reference)
-
-
-def test_batch_composition_changes_texts_not_structure(reference, tmp_path, engines, record_property):
-    """The same tree and seed through full batches instead of one row per call: both corpora are complete and
-    share level 1's node ids; their texts may differ (they do wherever the engine is not batch-invariant)."""
-    out = tmp_path / "corpus"
-    manifest = generate(_cfg(tmp_path, "engine.batch_size=256"), out_dir=out, engines=engines, log=lambda _: None)
-    levels = assert_complete(out, manifest)
-    assert _level1_ids(levels) == _level1_ids(reference)
     ref_text = {r["node_id"]: r["text"] for r in reference[0]}
     differ = sum(r["text"] != ref_text[r["node_id"]] for r in levels[0])
     record_property("level1_texts_differing", f"{differ}/{len(levels[0])}")
-    print(f"level 1: {differ} of {len(levels[0])} seeded texts differ between batch size 1 and 256")
+    print(f"level 1: {differ} of {len(levels[0])} seeded texts differ between batch size 1 and full batches")

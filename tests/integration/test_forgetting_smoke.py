@@ -1,8 +1,8 @@
 """Smoke version of the forgetting benchmark (benchmarks/forgetting.py): two arms (base, domain-only) on the tiny
 fixtures in tests/fixtures/forgetting/ (no ../shared/data needed), a few real DeepSpeed steps, a real Ray Serve
 endpoint and lm-eval on 5 ARC-Easy items. No TG corpus is generated (``--presets`` with none), so the retention
-probe is skipped; the domain NLL probe still runs. Two Serve start-ups and one Ray Train run dominate: it took
-12 minutes at load average 30-100 on the shared 2-core machine; not yet timed on an idle one."""
+probe is skipped; the domain NLL probe still runs. Both arms are served by one Serve app; that start-up and one Ray
+Train run dominate."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import quality
+from pipeline import quality, textmetrics
 from pipeline.corpus import NODE_SCHEMA
 from pipeline.reference import read_reference, reference_questions
 from pipeline.tasks.loaders import GENERAL_ITEMS
@@ -17,26 +17,26 @@ from tests.unit.corpora import DISTINCT, bow_embed, node, write_corpus
 
 
 def test_distinct_n_extremes_and_a_count():
-    assert quality.distinct_n(["a b c d"], 2) == 1.0
-    assert quality.distinct_n(["a b c d"] * 4, 2) == pytest.approx(3 / 12)  # 3 bigrams, 4 copies
-    assert quality.distinct_n(["The cat, the cat."], 1) == pytest.approx(4 / 6)  # the cat , the cat .
-    assert quality.distinct_n(["one"], 2) is None
-    assert quality.distinct_n(DISTINCT, 2) == 1.0
+    assert textmetrics.distinct_n(["a b c d"], 2) == 1.0
+    assert textmetrics.distinct_n(["a b c d"] * 4, 2) == pytest.approx(3 / 12)  # 3 bigrams, 4 copies
+    assert textmetrics.distinct_n(["The cat, the cat."], 1) == pytest.approx(4 / 6)  # the cat , the cat .
+    assert textmetrics.distinct_n(["one"], 2) is None
+    assert textmetrics.distinct_n(DISTINCT, 2) == 1.0
 
 
 def test_self_bleu_is_100_for_copies_and_low_for_distinct_texts():
-    same, n = quality.self_bleu(["how do i bake bread at home"] * 5)
+    same, n = textmetrics.self_bleu(["how do i bake bread at home"] * 5)
     assert same == pytest.approx(100.0) and n == 5
-    varied, _ = quality.self_bleu(DISTINCT)
+    varied, _ = textmetrics.self_bleu(DISTINCT)
     assert varied < 10
-    assert quality.self_bleu(["only one"]) == (None, 1)
-    assert quality.self_bleu([f"question number {i} here" for i in range(50)], sample=10)[1] == 10
+    assert textmetrics.self_bleu(["only one"]) == (None, 1)
+    assert textmetrics.self_bleu([f"question number {i} here" for i in range(50)], sample=10)[1] == 10
 
 
 def test_complete_sentence_rate():
     texts = ["It is Paris.", "Done!", 'He said "yes."', "(see above.)", "It is", "```py\nx = 1\n```", "Why?  "]
-    assert quality.complete_sentence_rate(texts) == pytest.approx(6 / 7)
-    assert quality.complete_sentence_rate([]) is None
+    assert textmetrics.complete_sentence_rate(texts) == pytest.approx(6 / 7)
+    assert textmetrics.complete_sentence_rate([]) is None
 
 
 # ----------------------------------------------------------------------------- embedding metrics
@@ -44,45 +44,45 @@ def test_complete_sentence_rate():
 
 def test_mean_pairwise_cosine_extremes():
     same = np.tile(np.array([[0.6, 0.8]], np.float32), (5, 1))
-    assert quality.mean_pairwise_cosine(same) == pytest.approx(1.0)
-    assert quality.mean_pairwise_cosine(np.eye(4, dtype=np.float32)) == pytest.approx(0.0)
+    assert textmetrics.mean_pairwise_cosine(same) == pytest.approx(1.0)
+    assert textmetrics.mean_pairwise_cosine(np.eye(4, dtype=np.float32)) == pytest.approx(0.0)
     opposite = np.array([[1, 0], [-1, 0]], np.float32)
-    assert quality.mean_pairwise_cosine(opposite) == pytest.approx(-1.0)
-    assert quality.mean_pairwise_cosine(np.eye(1, dtype=np.float32)) is None
+    assert textmetrics.mean_pairwise_cosine(opposite) == pytest.approx(-1.0)
+    assert textmetrics.mean_pairwise_cosine(np.eye(1, dtype=np.float32)) is None
 
 
 def test_cluster_entropy_extremes():
     same = np.tile(np.eye(8, dtype=np.float32)[:1], (8, 1))
-    h, sizes = quality.cluster_entropy(same, clusters=4)
+    h, sizes = textmetrics.cluster_entropy(same, clusters=4)
     assert h == pytest.approx(0.0) and sizes == [8, 0, 0, 0]
     spread = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)  # 4 tight groups of 3
-    h, sizes = quality.cluster_entropy(spread, clusters=4)
+    h, sizes = textmetrics.cluster_entropy(spread, clusters=4)
     assert h == pytest.approx(1.0) and sizes == [3, 3, 3, 3]
     two = np.repeat(np.eye(2, dtype=np.float32), [6, 2], axis=0)
-    h, _ = quality.cluster_entropy(two, clusters=2)
+    h, _ = textmetrics.cluster_entropy(two, clusters=2)
     assert h == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2))
 
 
 def test_duplicate_rates():
     texts = ["What is X?", "what is  x?", "Something else", "A third one"]
     emb = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0.8, 0.6]], np.float32)
-    r = quality.duplicate_rates(texts, emb, near_threshold=0.75)
+    r = textmetrics.duplicate_rates(texts, emb, near_threshold=0.75)
     assert r["exact_duplicate_rate"] == pytest.approx(0.25)
     assert r["near_duplicate_rate"] == pytest.approx(1.0)  # 0-1 identical, 2-3 at cosine 0.8
-    assert quality.duplicate_rates(texts, emb, near_threshold=0.9)["near_duplicate_rate"] == pytest.approx(0.5)
+    assert textmetrics.duplicate_rates(texts, emb, near_threshold=0.9)["near_duplicate_rate"] == pytest.approx(0.5)
 
 
 def test_coverage_of_itself_is_one_and_of_an_unrelated_set_zero():
     corpus = np.eye(6, dtype=np.float32)[:3]
-    full = quality.coverage({"self": corpus}, corpus)
+    full = textmetrics.coverage({"self": corpus}, corpus)
     assert full["value"] == 1.0 and full["mean_nearest"] == pytest.approx(1.0) and full["n"] == 3
     assert all(share == 1.0 for _, share in full["curve"])
-    none = quality.coverage({"other": np.eye(6, dtype=np.float32)[3:]}, corpus)
+    none = textmetrics.coverage({"other": np.eye(6, dtype=np.float32)[3:]}, corpus)
     assert none["value"] == 0.0 and none["curve"][0] == [0.3, 0.0]
-    mixed = quality.coverage({"a": corpus[:1], "b": np.eye(6, dtype=np.float32)[4:]}, corpus, threshold=0.5)
+    mixed = textmetrics.coverage({"a": corpus[:1], "b": np.eye(6, dtype=np.float32)[4:]}, corpus, threshold=0.5)
     assert mixed["value"] == pytest.approx(1 / 3)
     assert mixed["by_source"]["a"]["value"] == 1.0 and mixed["by_source"]["b"]["value"] == 0.0
-    assert quality.coverage({}, corpus) is None
+    assert textmetrics.coverage({}, corpus) is None
 
 
 def test_level_stats_rates_and_reasons():
@@ -92,7 +92,7 @@ def test_level_stats_rates_and_reasons():
         node(1, 3, "user", "d", status="dropped", drop="near_duplicate"),
         node(2, 0, "assistant", "x"),
     ], schema=NODE_SCHEMA)
-    s = quality.level_stats(nodes)
+    s = textmetrics.level_stats(nodes)
     assert s["1"] == {"generated": 4, "kept": 2, "truncated_rate": 0.5, "trimmed_rate": 0.25, "drop_rate": 0.5,
                       "dropped": {"near_duplicate": 1, "truncated": 1}}
     assert s["2"]["kept"] == 1 and s["2"]["dropped"] == {}
