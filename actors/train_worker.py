@@ -12,7 +12,8 @@ Checkpoint layout (every rank writes its own files into its own temporary direct
 
     ds/                  DeepSpeed checkpoint (tag "ds"): module states, per-rank ZeRO optimizer partitions
     state.json           step, loss history, tokens (rank 0)
-    hf/                  final checkpoint only: the exported model folder (rank 0)
+    hf/                  final checkpoint only: the exported model folder (rank 0); merged base + adapter for LoRA
+    adapter/             final checkpoint of a LoRA run only: the adapter in PEFT format (rank 0)
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipeline.console import append_progress
 from pipeline.schedule import WorkerConfig, lr_multiplier
+from pipeline.tracking import Tracker
 
 __all__ = ["train_loop_per_worker"]
 
@@ -59,13 +62,25 @@ def _choose_precision(wc: WorkerConfig, rank: int) -> dict[str, Any]:
         else:
             choice[0] = {"precision": wc.precision, "reason": "set in the config"}
         # The peak larger matmuls reach at this worker's threads, for MFU.
-        choice[0]["peak_tflops"] = round(max(matmul_tflops(choice[0]["precision"], size=n) for n in (1024, 2048)), 4)
+        choice[0]["peak_tflops"] = round(max(matmul_tflops(choice[0]["precision"], size=n, min_seconds=0.5)
+                                             for n in (1024, 2048, 1024, 2048)), 4)
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
 
 
+def _with_lora(model: Any, lora: dict[str, Any], *, gradient_checkpointing: bool) -> Any:
+    """``model`` with LoRA adapters on ``lora["target_modules"]`` (PEFT); only the adapters keep requires_grad."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if lora["load_in_4bit"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 def _build(wc: WorkerConfig) -> Any:
-    """The model wrapped in a DeepSpeed engine, with the LR schedule."""
+    """The model (with LoRA adapters for a LoRA run) wrapped in a DeepSpeed engine, with the LR schedule."""
     import deepspeed
     import torch
     from torch.optim.lr_scheduler import LambdaLR
@@ -76,11 +91,21 @@ def _build(wc: WorkerConfig) -> Any:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(wc.ds_config)  # noqa: F841  (kept alive: from_pretrained loads weights partitioned)
-    # sdpa: the 4-D block-diagonal packing mask is passed to it unchanged (see pipeline.tokenization).
-    model = AutoModelForCausalLM.from_pretrained(wc.model_path, dtype=torch.float32, attn_implementation="sdpa")
+    load: dict[str, Any] = {}
+    if wc.lora and wc.lora["load_in_4bit"]:  # QLoRA, CUDA only (checked when the config is loaded)
+        from transformers import BitsAndBytesConfig
+
+        load["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    # sdpa: the 4-D block-diagonal packing mask is passed to it unchanged (see pipeline.tokenization); the PEFT
+    # wrapper forwards it as it is.
+    model = AutoModelForCausalLM.from_pretrained(wc.model_path, dtype=torch.float32, attn_implementation="sdpa",
+                                                 **load)
     if wc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if wc.lora:
+        model = _with_lora(model, wc.lora, gradient_checkpointing=wc.gradient_checkpointing)
     schedule = partial(lr_multiplier, total_steps=wc.total_steps, warmup_steps=wc.warmup_steps,
                        schedule=wc.schedule)
     engine, _, _, _ = deepspeed.initialize(
@@ -92,8 +117,32 @@ def _build(wc: WorkerConfig) -> Any:
     return engine
 
 
+def _merge_lora(peft_model: Any, state: dict[str, Any], *, model_path: str, adapter_dir: Path, dtype: Any) -> Any:
+    """Save the trained adapter in PEFT format (``adapter_config.json``, ``adapter_model.safetensors`` in ``dtype``)
+    and return it merged into a fresh CPU copy of the base (the frozen base weights never changed, so the copy is
+    loaded from ``model_path``; this also holds when training used a 4-bit base)."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = {k: v.detach().to("cpu", torch.float32) for k, v in state.items() if "lora_" in k}
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    cpu = get_peft_model(base, copy.deepcopy(peft_model.peft_config["default"]))
+    loaded = cpu.load_state_dict(adapter, strict=False)
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if loaded.unexpected_keys or missing or not adapter:
+        raise RuntimeError(f"LoRA export: {len(adapter)} adapter tensors; unexpected {loaded.unexpected_keys[:3]}, "
+                           f"missing {missing[:3]}")
+    cpu.save_pretrained(adapter_dir, state_dict={k: v.to(dtype) for k, v in adapter.items()},
+                        safe_serialization=True)
+    return cpu.merge_and_unload()
+
+
 def _export(engine: Any, out: Path, *, model_path: str, dtype_name: str, zero_stage: int, rank: int) -> None:
-    """Write the full model as a Hugging Face folder on rank 0 (a collective call under ZeRO-3)."""
+    """Write the full model as a Hugging Face folder ``out/hf`` on rank 0 (a collective call under ZeRO-3). A LoRA
+    run also writes its adapter to ``out/adapter``, and ``hf`` holds the base with the adapter merged in."""
     import shutil
 
     import torch
@@ -106,18 +155,22 @@ def _export(engine: Any, out: Path, *, model_path: str, dtype_name: str, zero_st
         state = engine.module.state_dict() if rank == 0 else None  # ZeRO-0/1/2 keep full weights on every rank
     if rank == 0:
         dtype = getattr(torch, dtype_name)
+        module = engine.module
+        if hasattr(module, "peft_config"):  # a LoRA run (PEFT wrapper)
+            module = _merge_lora(module, state, model_path=model_path, adapter_dir=out / "adapter", dtype=dtype)
+            state = module.state_dict()
         # Tied weights (embeddings / LM head) share one tensor: keep its first name only; loaders re-tie it.
         seen: set[int] = set()
         shared = [k for k, v in state.items() if v.data_ptr() in seen or seen.add(v.data_ptr())]
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items() if k not in shared}
-        module = engine.module
         module.config.dtype = dtype
         module.config.use_cache = True
-        module.save_pretrained(out, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(model_path).save_pretrained(out)  # tokenizer + chat template
+        hf = out / "hf"
+        module.save_pretrained(hf, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(hf)  # tokenizer + chat template
         gen = Path(model_path) / "generation_config.json"
         if gen.is_file():
-            shutil.copy(gen, out / "generation_config.json")
+            shutil.copy(gen, hf / "generation_config.json")
     dist.barrier()
 
 
@@ -131,7 +184,7 @@ def _save(engine: Any, *, step: int, state: dict[str, Any], metrics: dict[str, A
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps(state))
         if export is not None:
-            _export(engine, Path(tmp) / "hf", rank=rank, **export)
+            _export(engine, Path(tmp), rank=rank, **export)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
 
@@ -188,8 +241,18 @@ class _Meter:
         return {"tokens_per_s": overall, "steady_tokens_per_s": steady, "train_seconds": seconds}
 
 
+def _flops_per_token(module: Any) -> float:
+    """Matmul FLOPs per trained token: 6 per trained weight (forward, input and weight gradients), 4 per frozen one
+    (a frozen LoRA base needs no weight gradient)."""
+    trained = frozen = 0
+    for p in module.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        trained, frozen = (trained + n, frozen) if p.requires_grad else (trained, frozen + n)
+    return 6.0 * trained + 4.0 * frozen
+
+
 def _metrics(state: dict[str, Any], *, loss: float, meter: _Meter, now: float, chosen: dict[str, Any],
-             n_params: int, resumed: tuple[int, int], world: int) -> dict[str, Any]:
+             n_params: int, flops_per_token: float, resumed: tuple[int, int], world: int) -> dict[str, Any]:
     """What a checkpoint reports to Ray Train (and the driver writes to the train manifest)."""
     import torch
 
@@ -203,8 +266,8 @@ def _metrics(state: dict[str, Any], *, loss: float, meter: _Meter, now: float, c
     }
     if "peak_tflops" in chosen:
         out["peak_matmul_tflops"] = chosen["peak_tflops"] * world
-        # Model FLOPs utilisation: 6 x params per trained token (attention not counted) over the measured peak.
-        out["mfu"] = round(6 * n_params * rates["steady_tokens_per_s"] / (out["peak_matmul_tflops"] * 1e12), 4)
+        # Model FLOPs utilisation over the measured peak (attention not counted; see _flops_per_token).
+        out["mfu"] = round(flops_per_token * rates["steady_tokens_per_s"] / (out["peak_matmul_tflops"] * 1e12), 4)
     return out
 
 
@@ -236,6 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"precision {chosen['precision']}: {chosen['reason']}", flush=True)
     engine = _build(wc)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    flops_per_token = _flops_per_token(engine.module)
     state, *resumed = _resume(engine, rank)
 
     batches = ray.train.get_dataset_shard("train").iter_batches(
@@ -245,6 +309,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step_acc = torch.zeros(3, dtype=torch.float64, device=device)
     meter = _Meter()
     t_log, tok_log = meter.t0, 0
+    tracker = Tracker(uri=wc.tracking_uri, run_id=wc.tracking_run_id, prefix=wc.tracking_prefix,
+                      tensorboard_dir=wc.tensorboard_dir)  # rank 0 logs; it opens the store on first use
     for i, batch in enumerate(batches):
         if engine.global_steps >= wc.total_steps:
             break
@@ -271,15 +337,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         now = meter.step(tokens)
         tok_log += tokens
         if rank == 0 and (step % wc.log_every == 0 or step == wc.total_steps):
-            print(f"step {step}/{wc.total_steps} loss {loss_avg:.4f} lr {engine.get_lr()[0]:.2e} "
-                  f"tokens/s {tok_log / max(now - t_log, 1e-9):.0f}", flush=True)
+            rate, lr = tok_log / max(now - t_log, 1e-9), engine.get_lr()[0]
+            print(f"step {step}/{wc.total_steps} loss {loss_avg:.4f} lr {lr:.2e} tokens/s {rate:.0f}", flush=True)
+            record = {"step": step, "total_steps": wc.total_steps, "loss": loss_avg, "lr": lr, "tokens_per_s": rate}
+            if "peak_tflops" in chosen:  # as in _metrics, over this logging interval
+                record["mfu"] = flops_per_token * rate / (chosen["peak_tflops"] * world * 1e12)
+            tracker.metrics({k: v for k, v in record.items() if k not in ("step", "total_steps")}, step=step)
+            if wc.progress_file:
+                append_progress(wc.progress_file, record)
             t_log, tok_log = now, 0
         final = step >= wc.total_steps
         if final or (wc.checkpoint_every and step % wc.checkpoint_every == 0):
             metrics = _metrics(state, loss=loss_avg, meter=meter, now=now, chosen=chosen, n_params=n_params,
-                               resumed=tuple(resumed), world=world)
+                               flops_per_token=flops_per_token, resumed=tuple(resumed), world=world)
             export = ({"model_path": wc.model_path, "dtype_name": wc.export_dtype, "zero_stage": wc.zero_stage}
                       if final else None)
             _save(engine, step=step, state=state, metrics=metrics, export=export, rank=rank)
+    tracker.close()
     if engine.global_steps < wc.total_steps:
         raise RuntimeError(f"the data shard ran out after {engine.global_steps} of {wc.total_steps} steps")

@@ -5,7 +5,7 @@ probing), ``tree`` (pure tree logic), ``dedup``, ``corpus`` (Parquet + manifest)
 ``quality`` / ``reference`` (corpus metrics, coverage reference), ``card`` (dataset card, Hub upload),
 ``inspect_corpus`` (``tgsft inspect``), ``data`` (domain loaders), ``mix``, ``tokenization`` (masks, packing),
 ``train``, ``serve``, ``evaluate``, ``report``, ``domain`` (the built-in domain set), ``runtime`` (joining Ray),
-``run`` (end to end), ``cli``. Importing this package loads none of ray, vllm, torch or deepspeed.
+``tracking`` (MLflow), ``console`` (what ``tgsft run`` shows), ``run`` (end to end), ``cli``. Importing this package loads none of ray, vllm, torch or deepspeed.
 """
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ the schema lives in :mod:`pipeline.config`.
     tgsft report RUN_DIR                # forgetting report from stored eval results
     tgsft inspect CORPUS [--compare C2] # corpus quality and coverage metrics -> inspect.{json,png}
     tgsft push CORPUS REPO_ID           # upload a corpus and its dataset card to the Hugging Face Hub
-    tgsft run [CONFIG]                  # all of the above, resumable
+    tgsft run [CONFIG] [--verbose]      # all of the above, resumable; libraries' output in <run>/logs/
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate, mix, train, serve, eval and report in one resumable run")
     _add_config(run)
+    run.add_argument("--verbose", action="store_true",
+                     help="show what Ray, vLLM, DeepSpeed and lm-eval print (default: <run>/logs/tgsft.log)")
     return ap
 
 
@@ -108,6 +110,11 @@ def _os_error(e: OSError) -> str:
         hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
         return f"{e.filename}: {e.strerror}{hint}"
     return str(e)
+
+
+def _notes(e: BaseException) -> str:
+    """The notes an error picked up on its way (such as where a run's full logs are), one per line."""
+    return "".join(f"\n{note}" for note in getattr(e, "__notes__", []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,15 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from pipeline.run import run
 
-            run(cfg, config_path=args.config)
+            run(cfg, config_path=args.config, verbose=args.verbose)
     except ConfigError as e:
         print(f"tgsft: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # missing files, permissions, a full disk, a timed-out endpoint
-        print(f"tgsft: error: {_os_error(e)}", file=sys.stderr)
+        print(f"tgsft: error: {_os_error(e)}{_notes(e)}", file=sys.stderr)
         return 1
     except (ValueError, ServeError) as e:  # bad data (file, row, field), settings found wrong at run time, endpoints
-        print(f"tgsft: error: {e}", file=sys.stderr)
+        print(f"tgsft: error: {e}{_notes(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tgsft: interrupted", file=sys.stderr)

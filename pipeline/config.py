@@ -55,11 +55,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     def _reject(self, problems: list[tuple[str, str]]) -> None:
-        """Raise one error per ``(field, message)`` pair, each at its own key path, so all are reported together."""
+        """Raise one error per ``(field, message)`` pair, each at its own key path (a field of a nested section as
+        ``section.field``), so all are reported together."""
+        def value(dotted: str) -> Any:
+            node: Any = self
+            for name in dotted.split("."):
+                node = getattr(node, name)
+            return node
+
         if problems:
             raise ValidationError.from_exception_data(type(self).__name__, [
-                InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=(field,),
-                                 input=getattr(self, field))
+                InitErrorDetails(type=PydanticCustomError("value_error", msg), loc=tuple(field.split(".")),
+                                 input=value(field))
                 for field, msg in problems
             ])
 
@@ -248,6 +255,22 @@ class MixConfig(_Section):
     )
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank: trainable parameters grow linearly with it.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters; the default covers the attention and MLP "
+        "projections of Llama-style models.",
+    )
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs only; "
+        "ZeRO-0/1/2). The merged export starts from the unquantized base folder."
+    )
+
+
 class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -283,6 +306,10 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may try (-1 = unlimited).")
     seed: int = Field(0, description="Training seed.")
     log_every: int = Field(1, ge=1, description="Steps between loss / tokens-per-second log lines.")
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters (PEFT) on a frozen base instead of every weight; null: full "
+        "fine-tuning. The export is the merged model (model/) plus the adapter (adapter/)."
+    )
 
     @model_validator(mode="after")
     def _check_deepspeed(self) -> "TrainConfig":
@@ -293,6 +320,13 @@ class TrainConfig(_Section):
             problems.append(("offload_param", f"parameter offload needs train.zero_stage: 3, not {self.zero_stage}"))
         if self.offload_optimizer and self.zero_stage == 0:
             problems.append(("offload_optimizer", "optimizer offload needs train.zero_stage: 1, 2 or 3, not 0"))
+        if self.lora and self.lora.load_in_4bit:
+            if not self.use_gpu:
+                problems.append(("lora.load_in_4bit", "4-bit base weights use bitsandbytes, which needs CUDA GPUs "
+                                 "(train.use_gpu: true); on CPU train LoRA on the full-precision base"))
+            elif self.zero_stage == 3:
+                problems.append(("lora.load_in_4bit", "4-bit base weights cannot be partitioned by ZeRO-3; use "
+                                 "train.zero_stage 0, 1 or 2"))
         self._reject(problems)
         return self
 
@@ -330,6 +364,10 @@ class EvalConfig(_Section):
         "project's own tgsft_general.",
     )
     data_dir: str | None = Field(None, description="Directory with upstream-format files for the offline mirrors.")
+    include_path: str | None = Field(
+        None, description="A folder of your own lm-eval task YAMLs (searched recursively, as lm_eval's "
+        "--include_path); name its tasks or groups in eval.tasks."
+    )
     limit: int | None = Field(None, ge=1, description="Items per task (None = all).")
     num_fewshot: int | None = Field(
         None, ge=0, description="Few-shot examples per item; None: each task's default (0 for most, 5 for gsm8k)."
@@ -377,6 +415,22 @@ class RayConfig(_Section):
     dashboard_host: str = Field("127.0.0.1", description="Local dashboard bind address.")
 
 
+class TrackingConfig(_Section):
+    mlflow: bool = Field(
+        True, description="Log the config, generation statistics, per-step training metrics, eval metrics and the "
+        "report to one MLflow run per `tgsft run`."
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow store (a tracking server URL or a database URI). None: a SQLite database in the "
+        "run directory, <run_dir>/mlflow/mlflow.db; view it with `mlflow ui --backend-store-uri "
+        "sqlite:///<run_dir>/mlflow/mlflow.db`."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; None: the run name.")
+    tensorboard: bool = Field(
+        False, description="Also write the metrics as TensorBoard event files to <run_dir>/tensorboard."
+    )
+
+
 class TGConfig(_Section):
     name: str = Field("tgsft", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: the folder under output_root.")
     output_root: str = Field("runs", description="Runs are written to <output_root>/<name>/.")
@@ -390,6 +444,7 @@ class TGConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("output_root")
     @classmethod

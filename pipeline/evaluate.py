@@ -38,11 +38,12 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.config import TGConfig
 from pipeline.corpus import atomic_write_text, heldout_ids, read_dialogues
 from pipeline.serve import ServeError, default_models, request_json, serving, wait_ready
+from pipeline.stats import mean_stderr
 
 __all__ = ["AA_ID", "EndpointError", "check_prompt_logprobs", "check_tasks", "evaluate", "item_scores",
            "retention_probe", "run_domain_task", "run_lm_eval"]
@@ -83,11 +84,13 @@ def check_prompt_logprobs(base_url: str, model_id: str) -> None:
 # ----------------------------------------------------------------------------- lm-eval
 
 
-def check_tasks(tasks: list[str], data_dir: str | None) -> None:
-    """Fail before any model is served: a missing ``eval.data_dir``, a mirror without its file, an unknown task.
+def check_tasks(tasks: list[str], data_dir: str | None, include_path: str | None = None) -> None:
+    """Fail before any model is served: a missing ``eval.data_dir`` or ``eval.include_path``, a mirror without its
+    file, an unknown task (``include_path``: the user's own task YAMLs, known beside the standard ones).
 
     Raises:
-        FileNotFoundError: ``data_dir`` is not a directory, or a mirror's upstream file is missing (names the path).
+        FileNotFoundError: ``data_dir`` or ``include_path`` is not a directory, or a mirror's upstream file is
+            missing (names the path).
         ValueError: a task name lm-eval does not know (with the closest known names).
     """
     import difflib
@@ -97,12 +100,14 @@ def check_tasks(tasks: list[str], data_dir: str | None) -> None:
 
     if data_dir and not Path(data_dir).expanduser().is_dir():
         raise FileNotFoundError(f"eval.data_dir: {data_dir} is not a directory")
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise FileNotFoundError(f"eval.include_path: {include_path} is not a directory")
     for name in tasks:
         if name in MIRRORS:
             find_file(_DATA_KEY.get(name, name.removeprefix("tgsft_")), data_dir)
     builtin = set(MIRRORS) | {"tgsft_general"}
     if any(name not in builtin for name in tasks):
-        known = set(task_manager(data_dir=data_dir).all_tasks)
+        known = set(task_manager(data_dir=data_dir, include_path=include_path).all_tasks)
         for name in tasks:
             if name not in known and name not in builtin:
                 close = difflib.get_close_matches(name, sorted(known | builtin), n=3)
@@ -193,7 +198,7 @@ def _write_native(tracker: Any, res: dict[str, Any], samples: dict[str, list], o
 def run_lm_eval(
     *, base_url: str, model_id: str, tokenizer: str, tasks: list[str], data_dir: str | None, limit: int | None,
     num_fewshot: int | None, num_concurrent: int, batch_size: int = 1, max_length: int,
-    samples_dir: Path | None = None,
+    samples_dir: Path | None = None, include_path: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run lm-eval (``local-completions``) on ``tasks`` against one served model, keeping per-sample records.
 
@@ -209,6 +214,7 @@ def run_lm_eval(
         batch_size: lm-eval requests per HTTP call.
         max_length: context length in tokens.
         samples_dir: where lm-eval's results JSON and per-sample JSONL go (None: not written).
+        include_path: a folder of the user's own lm-eval task YAMLs.
 
     Returns:
         ``{task: {"n": items, "metrics": {metric: {"value", "stderr", "higher_is_better"}}, "items": {...}}}``;
@@ -223,7 +229,7 @@ def run_lm_eval(
 
     from pipeline.tasks import task_manager
 
-    manager = task_manager(data_dir=data_dir)
+    manager = task_manager(data_dir=data_dir, include_path=include_path)
     built, output_types = [], set()
     for name in tasks:  # load once, keeping groups whole, to learn the output types before any request
         loaded = manager.load([name])
@@ -262,10 +268,8 @@ def run_lm_eval(
 
 
 def _mean_se(values: list[float], *, higher_is_better: bool) -> dict[str, Any]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return {"value": mean, "stderr": math.sqrt(var / n), "higher_is_better": higher_is_better}
+    mean, stderr = mean_stderr(values)
+    return {"value": mean, "stderr": stderr, "higher_is_better": higher_is_better}
 
 
 # ----------------------------------------------------------------------------- domain task
@@ -358,8 +362,7 @@ def retention_probe(
     total, count = sum(s for s, _ in per_dialogue), sum(n for _, n in per_dialogue)
     means = [s / n for s, n in per_dialogue]
     mean_nll = total / count if count else float("nan")
-    var = sum((m - sum(means) / len(means)) ** 2 for m in means) / (len(means) - 1) if len(means) > 1 else 0.0
-    se = math.sqrt(var / len(means)) if means else None
+    se = mean_stderr(means)[1]
     return {
         "n_dialogues": len(per_dialogue),
         "n_tokens": count,
@@ -386,7 +389,7 @@ def _evaluate_model(
         result["tasks"] = run_lm_eval(
             base_url=base_url, model_id=served_id, tokenizer=source, tasks=ev.tasks, data_dir=ev.data_dir,
             limit=ev.limit, num_fewshot=ev.num_fewshot, num_concurrent=num_concurrent, batch_size=ev.batch_size,
-            max_length=cfg.model.max_model_len, samples_dir=samples_dir,
+            max_length=cfg.model.max_model_len, samples_dir=samples_dir, include_path=ev.include_path,
         )
     source_desc, items = domain
     if items:
@@ -410,7 +413,7 @@ def _write_result(out_dir: Path, result_id: str, result: dict) -> Path:
 
 def evaluate(
     cfg: TGConfig, *, models: dict[str, str], base_url: str | None, out_dir: Path | None,
-    corpus_dir: Path | None = None,
+    corpus_dir: Path | None = None, log: Callable[[str], None] = print,
 ) -> dict:
     """Evaluate every model and write ``<out_dir>/<model_id>.json`` (and lm-eval's files under ``<model_id>/``).
 
@@ -428,6 +431,7 @@ def evaluate(
         out_dir: default ``<run>/eval``.
         corpus_dir: TG corpus for the retention probe; default ``mix.tg_corpus`` or ``<run>/corpus``. The probe is
             skipped when the corpus does not exist or ``eval.retention_dialogues`` is 0.
+        log: where progress lines go.
 
     Returns:
         ``{result_id: result}`` as written.
@@ -441,7 +445,7 @@ def evaluate(
     from pipeline.probes import drift_probes, generic_rows, load_reference_text
 
     ev = cfg.eval
-    check_tasks(ev.tasks, ev.data_dir)
+    check_tasks(ev.tasks, ev.data_dir, ev.include_path)
     reference_rows = load_reference_text(ev.reference_text, fmt=cfg.data.format) if ev.reference_text else []
     if not models:
         models = default_models(cfg)
@@ -467,7 +471,7 @@ def evaluate(
                                      num_concurrent=concurrent, samples_dir=out_dir / result_id.replace("/", "--"))
             results[result_id] = result | {"model_id": result_id, "served_id": served_id}
             path = _write_result(out_dir, result_id, results[result_id])
-            print(f"eval: {result_id} -> {path} ({result['seconds']} s)", flush=True)
+            log(f"eval: {result_id} -> {path} ({result['seconds']} s)")
         return results
 
     if base_url:
@@ -475,6 +479,7 @@ def evaluate(
         wait_ready(base_url, model_ids=list(models), timeout_s=cfg.serve.ready_timeout_s)
         results = run_all(base_url)
     else:
+        log(f"eval: serving {', '.join(models)} (Ray Serve LLM), then scoring {len(jobs)} model(s)")
         with serving(cfg, models) as url:
             results = run_all(url)
     if "base" in models and (ev.kl_prompts or reference_rows):
@@ -485,5 +490,5 @@ def evaluate(
         for model_id, extra in probes.items():
             results[model_id].update(extra)
             _write_result(out_dir, model_id, results[model_id])
-        print(f"eval: local probes ({time.monotonic() - t0:.1f} s)", flush=True)
+        log(f"eval: local probes ({time.monotonic() - t0:.1f} s)")
     return results

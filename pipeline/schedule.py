@@ -48,6 +48,14 @@ class WorkerConfig:
         log_every: optimizer steps between progress lines.
         export_dtype: torch dtype name of the exported weights.
         seed: torch seed.
+        lora: LoRA settings (``pipeline.config.LoraConfig`` as a dict: r, alpha, dropout, target_modules,
+            load_in_4bit); None trains every weight.
+        tracking_uri: MLflow store rank 0 logs every progress step to (``pipeline.tracking``); None: no MLflow.
+        tracking_run_id: the MLflow run of this ``tgsft run``.
+        tracking_prefix: metric key prefix (``train``; ``train_domain_only`` for the control arm).
+        tensorboard_dir: folder for rank 0's TensorBoard event files; None: none.
+        progress_file: JSON-lines file rank 0 appends every progress step to (step, total_steps, loss, lr,
+            tokens_per_s), which the driver follows for its console; None: none.
     """
 
     model_path: str
@@ -65,6 +73,12 @@ class WorkerConfig:
     log_every: int
     export_dtype: str
     seed: int
+    lora: dict[str, Any] | None
+    tracking_uri: str | None = None
+    tracking_run_id: str | None = None
+    tracking_prefix: str = "train"
+    tensorboard_dir: str | None = None
+    progress_file: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``TorchTrainer(train_loop_config=...)``; the worker rebuilds it with ``WorkerConfig(**d)``."""

@@ -10,11 +10,12 @@ Reads ``data.train`` files (or the built-in domain set, :func:`pipeline.domain.b
 - ``sft-<hash>/checkpoint_*``: Ray Train checkpoints (DeepSpeed state under ``ds/``; the last one also holds the
   export under ``hf/``) in ``train.storage_path`` (default ``out_dir``; a local directory or a cloud URI);
 - ``model/``: the exported Hugging Face folder (safetensors, config, tokenizer, chat template), copied from the
-  final checkpoint and renamed into place last;
+  final checkpoint and renamed into place last; for a LoRA run (``train.lora``) the base with the adapter merged in;
+- ``adapter/``: a LoRA run's adapter in PEFT format (``adapter_config.json``, ``adapter_model.safetensors``);
 - ``manifest.json``: steps, tokens, real tokens/s (``tokens_per_s`` with the first step, ``steady_tokens_per_s``
   after it), ``mfu`` (6 x parameters x tokens/s over the matmul peak measured in the worker), the precision chosen
   and why (``precision: auto`` measures bf16 against fp32 on the worker's CPU), losses, mix and data statistics,
-  the config hash.
+  the config hash, and for a LoRA run ``lora`` (settings, trainable parameters, adapter bytes).
 
 The training stream is every epoch of the mix in its epoch order (``seed + epoch``), tokenized (and packed) on the
 driver (pure Python, thousands of examples per second: enough for TG corpora of a CPU or single-node run), then
@@ -29,10 +30,12 @@ Resuming needs the same ``num_workers`` (DeepSpeed's ZeRO shards are per rank). 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,8 +44,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import TGConfig, TrainConfig
+from pipeline.console import follow_progress
 from pipeline.corpus import atomic_write_text, read_json
 from pipeline.schedule import WorkerConfig
+from pipeline.tracking import Tracker
 
 __all__ = ["TOKEN_SCHEMA", "deepspeed_config", "prepare_tokens", "train", "training_stream"]
 
@@ -189,21 +194,45 @@ def _tokenize(stream: pa.Table, *, tokenizer: Any, tc: TrainConfig) -> tuple[pa.
     return table, {"rows": table.num_rows, **counts}
 
 
-def _copy_export(checkpoint: Any, model_dir: Path) -> None:
-    """Copy ``hf/`` of the final checkpoint to ``model_dir`` through a temporary sibling and a rename."""
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+def _place(src: Path, dst: Path) -> None:
+    """Copy the folder ``src`` to ``dst`` through a temporary sibling and a rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        with checkpoint.as_directory() as d:
-            src = Path(d) / "hf"
-            if not (src / "config.json").is_file():
-                raise RuntimeError(f"the final checkpoint {checkpoint.path} holds no exported model (hf/)")
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_export(checkpoint: Any, model_dir: Path, adapter_dir: Path) -> None:
+    """Copy ``hf/`` of the final checkpoint to ``model_dir`` and, for a LoRA run, ``adapter/`` to ``adapter_dir``
+    (an adapter left by an earlier LoRA run is removed otherwise)."""
+    with checkpoint.as_directory() as d:
+        src = Path(d) / "hf"
+        if not (src / "config.json").is_file():
+            raise RuntimeError(f"the final checkpoint {checkpoint.path} holds no exported model (hf/)")
+        if (Path(d) / "adapter" / "adapter_config.json").is_file():
+            _place(Path(d) / "adapter", adapter_dir)
+        elif adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        _place(src, model_dir)
+
+
+def _lora_stats(tc: TrainConfig, *, adapter_dir: Path, model_dir: Path) -> dict[str, Any]:
+    """What the train manifest records of a LoRA run: its settings, trainable parameters and adapter size on disk
+    (bytes, and as a share of the merged model's weight files)."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    with weights.open("rb") as f:  # safetensors: 8-byte little-endian header length, then a JSON header
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    trainable = sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    adapter_bytes = sum(p.stat().st_size for p in adapter_dir.iterdir() if p.is_file())
+    model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    return {**tc.lora.model_dump(mode="json"), "trainable_params": trainable, "adapter": str(adapter_dir),
+            "adapter_bytes": adapter_bytes, "model_bytes": model_bytes,
+            "adapter_share": round(adapter_bytes / model_bytes, 5)}
 
 
 @dataclass
@@ -279,12 +308,13 @@ def worker_config(cfg: TGConfig, prep: Prepared) -> WorkerConfig:
         pad_id=prep.pad_id, precision=tc.precision, threads=0 if tc.use_gpu else max(1, int(tc.cpus_per_worker)),
         use_gpu=tc.use_gpu, gradient_checkpointing=tc.gradient_checkpointing, checkpoint_every=tc.checkpoint_every,
         log_every=tc.log_every, export_dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
-        seed=tc.seed,
+        seed=tc.seed, lora=tc.lora.model_dump() if tc.lora else None,
     )
 
 
-def _fit(cfg: TGConfig, prep: Prepared, *, storage: str, run_name: str) -> Any:
-    """Run the Ray Train + DeepSpeed job over the token rows; returns Ray Train's result."""
+def _fit(cfg: TGConfig, prep: Prepared, *, storage: str, run_name: str, monitor: dict[str, Any]) -> Any:
+    """Run the Ray Train + DeepSpeed job over the token rows; returns Ray Train's result. ``monitor``: the
+    tracking and progress fields of the :class:`WorkerConfig`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -300,7 +330,7 @@ def _fit(cfg: TGConfig, prep: Prepared, *, storage: str, run_name: str) -> Any:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(cfg, prep).as_dict(),
+        train_loop_config=worker_config(cfg, prep).as_dict() | monitor,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage,
@@ -318,7 +348,8 @@ _METRICS = ("steps", "tokens", "tokens_per_s", "steady_tokens_per_s", "mfu", "pe
 
 
 def train(
-    cfg: TGConfig, *, corpus_dir: Path | None = None, out_dir: Path | None = None, log: Callable[[str], None] = print
+    cfg: TGConfig, *, corpus_dir: Path | None = None, out_dir: Path | None = None, log: Callable[[str], None] = print,
+    tracker: Tracker | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Mix, tokenize and fine-tune with Ray Train + DeepSpeed; export a Hugging Face folder.
 
@@ -327,6 +358,9 @@ def train(
         corpus_dir: TG corpus directory; default ``mix.tg_corpus`` or ``<run>/corpus`` (unused when tg_ratio=0).
         out_dir: output directory; default ``<run>/train``.
         log: where progress lines go.
+        tracker: rank 0 logs loss, lr, tokens/s and MFU of every progress step (``train.log_every``) to its run.
+        on_step: called on the driver with each progress step's record (step, total_steps, loss, lr, tokens_per_s,
+            mfu), which rank 0 appends to ``<out_dir>/progress.jsonl``.
 
     Returns:
         The exported model folder (``<out_dir>/model``); an existing export made with the same config is reused.
@@ -351,11 +385,16 @@ def train(
 
     prep = prepare_tokens(cfg, corpus_dir=corpus_dir, out_dir=out_dir, log=log)
     storage, run_name = _storage(tc, out_dir), f"sft-{run_hash}"
+    lora = f", LoRA r={tc.lora.r} alpha={tc.lora.alpha:g}" if tc.lora else ""
     log(f"train: {tc.num_workers} worker(s) x {tc.cpus_per_worker:g} CPU(s), ZeRO-{tc.zero_stage}, precision "
-        f"{tc.precision}, checkpoints in {storage}/{run_name}")
-    result = _fit(cfg, prep, storage=storage, run_name=run_name)
+        f"{tc.precision}{lora}, checkpoints in {storage}/{run_name}")
+    progress = out_dir / "progress.jsonl"
+    monitor = {**(tracker.worker_fields() if tracker else {}), "progress_file": str(progress) if on_step else None}
+    with follow_progress(progress, on_step) if on_step else nullcontext():
+        result = _fit(cfg, prep, storage=storage, run_name=run_name, monitor=monitor)
     metrics = dict(result.metrics or {})
-    _copy_export(result.checkpoint, model_dir)
+    adapter_dir = out_dir / "adapter"
+    _copy_export(result.checkpoint, model_dir, adapter_dir)
 
     manifest = {
         "config_hash": full_hash,
@@ -369,6 +408,7 @@ def train(
         "mix": prep.mix_stats,
         "tokenization": prep.tok_stats,
         "train": tc.model_dump(mode="json"),
+        "lora": _lora_stats(tc, adapter_dir=adapter_dir, model_dir=model_dir) if tc.lora else None,
     }
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     mfu = f", MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""

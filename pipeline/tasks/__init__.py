@@ -31,24 +31,27 @@ MIRRORS: dict[str, str] = {
 }
 
 
-def task_manager(*, data_dir: str | Path | None) -> Any:
-    """An ``lm_eval.tasks.TaskManager`` that knows the standard tasks and the ones in this folder.
+def task_manager(*, data_dir: str | Path | None, include_path: str | Path | None = None) -> Any:
+    """An ``lm_eval.tasks.TaskManager`` that knows the standard tasks, the ones in this folder and, with
+    ``include_path``, the user's own.
 
-    Built once per data directory in a process and then shared: indexing lm-eval's ~15 k task files takes ~10 s,
-    and a run asks for it when checking task names and again for every evaluated model.
+    Built once per (data directory, include path) in a process and then shared: indexing lm-eval's ~15 k task
+    files takes ~10 s, and a run asks for it when checking task names and again for every evaluated model.
 
     Args:
         data_dir: directory of upstream-format files for the mirrors (None: mirrors fail when loaded, naming the
             setting to give).
+        include_path: a folder of lm-eval task YAMLs (searched recursively, as ``lm_eval --include_path`` does).
 
     Returns:
         The TaskManager; its ``load([...])`` builds tasks by name.
     """
-    return _manager(str(Path(data_dir).expanduser().resolve()) if data_dir else None)
+    return _manager(*(str(Path(p).expanduser().resolve()) if p else None for p in (data_dir, include_path)))
 
 
 @functools.lru_cache(maxsize=None)
-def _manager(data_dir: str | None) -> Any:
+def _manager(data_dir: str | None, include_path: str | None) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": data_dir} if data_dir else {})
+    paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
+    return TaskManager(include_path=paths, metadata={"data_dir": data_dir} if data_dir else {})

@@ -84,9 +84,11 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     out = tmp_path / "runs"
     overrides = [
         f"output_root={out}", "name=job",
-        "tree.branching=[4,1,1,1]", "tree.max_new_tokens=[32,96,32,96]",
-        "data.max_examples=64", "train.max_seq_len=256", "train.epochs=1", "train.micro_batch_size=4",
-        "eval.limit=10", "eval.domain.limit=8", "eval.retention_dialogues=2",
+        "tree.branching=[4,1,1,1]", "tree.max_new_tokens=[24,64,24,64]",
+        # Small steps, many of them: ~17 optimizer steps of 2 rows of <= 160 tokens (the domain's format is
+        # learned within a few steps; the MLflow check below wants >= 10 logged steps).
+        "data.max_examples=32", "train.max_seq_len=160", "train.epochs=1", "train.micro_batch_size=2",
+        "eval.limit=10", "eval.domain.limit=6", "eval.retention_dialogues=2", "eval.kl_prompts=6",
         f"serve.port={free_port()}",
         "eval.noise_floor_concurrent=0",  # the A/A pass is covered by test_serve_eval.py
     ]
@@ -120,6 +122,27 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     domain_tuned = evals["tuned"]["domain"]["metrics"]["field_acc"]["value"]
     assert domain_tuned > domain_base, (domain_base, domain_tuned)
     assert evals["tuned"]["retention"]["n_dialogues"] == 2
+    # The console showed the pipeline's own progress; what the workers printed went to the run's log file.
+    assert "train: step 1/" in logs and "eval: tuned ->" in logs and "(RayTrainWorker" not in logs
+    assert "(RayTrainWorker" in (run_dir / "logs" / "tgsft.log").read_text(errors="replace")
+    # The run's MLflow store: the config as params, every training step, every model's eval metrics, the report.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["name"] == "job" and tracked.data.params["tree.branching"] == "[4, 1, 1, 1]"
+    trained = json.loads((run_dir / "train" / "manifest.json").read_text())
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(tracked.info.run_id, "train/loss"))
+    assert len(losses) >= 10 and [s for s, _ in losses] == list(range(1, trained["steps"] + 1))
+    assert [v for _, v in losses] == pytest.approx(trained["losses"], abs=1e-4)
+    assert len(client.get_metric_history(tracked.info.run_id, "train/tokens_per_s")) == len(losses)
+    for m in ("base", "tuned"):
+        metrics = tracked.data.metrics
+        assert metrics[f"eval/{m}/tgsft_general/acc"] == evals[m]["tasks"]["tgsft_general"]["metrics"]["acc"]["value"]
+        assert metrics[f"eval/{m}/domain/field_acc"] == evals[m]["domain"]["metrics"]["field_acc"]["value"]
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id, "report")} == {
+        "report/report.md", "report/report.json", "report/report.png"}
     # The job ran with the cluster's auth token in its environment: no file of the run may carry it.
     token = env["RAY_AUTH_TOKEN"].encode()
     leaked = [str(p) for p in run_dir.rglob("*") if p.is_file() and token in p.read_bytes()]

@@ -28,3 +28,25 @@ def test_runtime_fields_name_real_fields():
         for name in names[:-1]:
             model = model.model_fields[name].annotation
         assert names[-1] in model.model_fields, dotted
+
+
+def test_every_lora_field_changes_the_train_key():
+    """The train stage keys the whole train section, so turning LoRA on and each LoRA setting count."""
+    full = load_config(None)
+    lora = load_config(None, overrides=["train.lora={}"])
+    assert stage_key(lora, "train") != stage_key(full, "train")
+    keys = {stage_key(lora, "train")}
+    for override in ("train.lora.r=8", "train.lora.alpha=16", "train.lora.dropout=0",
+                     "train.lora.target_modules=[q_proj]"):
+        keys.add(stage_key(load_config(None, overrides=[override]), "train"))
+    assert len(keys) == 5
+    assert stage_key(lora, "model", "engine", "tree") == stage_key(full, "model", "engine", "tree")
+
+
+def test_eval_stamp_ignores_speed_fields_and_counts_the_models():
+    from pipeline.run import _eval_stamp
+
+    base = load_config(None)
+    assert _eval_stamp(load_config(None, overrides=["eval.num_concurrent=4", "serve.port=8123"])) == _eval_stamp(base)
+    for change in ("train.lr=0.001", "mix.tg_ratio=0.2", "eval.limit=7", "run.control=domain_only", "tree.seed=3"):
+        assert _eval_stamp(load_config(None, overrides=[change])) != _eval_stamp(base), change

@@ -137,3 +137,37 @@ def test_config_hash_tracks_content():
     a, b = load_config(None), load_config(None, overrides=["tree.seed=1"])
     assert config_hash(a.tree) != config_hash(b.tree)
     assert config_hash(a.tree) == config_hash(load_config(None).tree)
+
+
+def test_lora_is_off_by_default_and_defaults_to_llama_projections():
+    assert load_config(None).train.lora is None
+    lora = load_config(None, overrides=["train.lora={}"]).train.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.load_in_4bit) == (16, 32, 0.05, False)
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert load_config(None, overrides=["train.lora.r=8"]).train.lora.r == 8  # a nested override creates the section
+    # ZeRO-3 partitions the frozen base; the adapters are gathered with it at export
+    assert load_config(None, overrides=["train.lora={}", "train.zero_stage=3"]).train.lora.r == 16
+    gpu = load_config(None, overrides=["train.use_gpu=true", "train.lora.load_in_4bit=true"])
+    assert gpu.train.lora.load_in_4bit
+
+
+LORA_INVALID = {
+    "rank 0": ("train:\n  lora:\n    r: 0\n", "train.lora.r: Input should be greater than or equal to 1 (got 0)"),
+    "dropout 1": ("train:\n  lora:\n    dropout: 1\n", "train.lora.dropout: Input should be less than 1 (got 1)"),
+    "no targets": ("train:\n  lora:\n    target_modules: []\n", "train.lora.target_modules: List should have at least "
+                   "1 item"),
+    "unknown key": ("train:\n  lora:\n    rank: 8\n", "train.lora.rank: unknown key (got 8)"),
+    "4-bit on CPU": ("train:\n  lora:\n    load_in_4bit: true\n", "train.lora.load_in_4bit: 4-bit base weights use "
+                     "bitsandbytes, which needs CUDA GPUs (train.use_gpu: true)"),
+    "4-bit with ZeRO-3": ("train:\n  use_gpu: true\n  zero_stage: 3\n  lora:\n    load_in_4bit: true\n",
+                          "train.lora.load_in_4bit: 4-bit base weights cannot be partitioned by ZeRO-3; use "
+                          "train.zero_stage 0, 1 or 2 (got True)"),
+}
+
+
+@pytest.mark.parametrize("text,needle", LORA_INVALID.values(), ids=LORA_INVALID.keys())
+def test_invalid_lora_settings_name_the_key(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and needle in str(e.value)
