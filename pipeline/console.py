@@ -119,8 +119,11 @@ class Console:
         self._saved = None
         self._out.close()
         self._out = sys.stdout
-        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, Exception):
             exc.add_note(f"full logs: {self.log_file}")
+        elif exc is not None:  # SystemExit (Ray raises it when the driver is interrupted), KeyboardInterrupt
+            detail = f": {exc}" if str(exc) else ""
+            print(f"tgsft: stopped ({type(exc).__name__}{detail}); full logs: {self.log_file}", file=sys.stderr)
 
     def log(self, line: str) -> None:
         """Show a line (and keep it in the log file)."""

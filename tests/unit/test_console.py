@@ -44,6 +44,13 @@ def test_an_error_names_the_log_file_and_its_traceback_is_kept(tmp_path, capfd):
     capfd.readouterr()
 
 
+def test_a_stop_without_a_traceback_still_names_the_log_file(tmp_path, capfd):
+    log_file = tmp_path / "tgsft.log"
+    with pytest.raises(SystemExit), Console(log_file):
+        raise SystemExit(1)
+    assert capfd.readouterr().err == f"tgsft: stopped (SystemExit: 1); full logs: {log_file}\n"
+
+
 def test_verbose_console_redirects_nothing(tmp_path, capfd):
     with Console(tmp_path / "tgsft.log", verbose=True) as console:
         console.log("mine")
