@@ -84,7 +84,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     out = tmp_path / "runs"
     overrides = [
         f"output_root={out}", "name=job",
-        "tree.branching=[4,1,1,1]", "tree.max_new_tokens=[24,64,24,64]",
+        "tree.branching=[6,1,1,1]", "tree.max_new_tokens=[32,96,32,96]",  # questions cut at the limit are dropped
         # Small steps, many of them: ~17 optimizer steps of 2 rows of <= 160 tokens (the domain's format is
         # learned within a few steps; the MLflow check below wants >= 10 logged steps).
         "data.max_examples=32", "train.max_seq_len=160", "train.epochs=1", "train.micro_batch_size=2",
@@ -131,7 +131,7 @@ def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
     (tracked,) = client.search_runs([client.get_experiment_by_name("job").experiment_id])
     assert tracked.info.status == "FINISHED"
-    assert tracked.data.params["name"] == "job" and tracked.data.params["tree.branching"] == "[4, 1, 1, 1]"
+    assert tracked.data.params["name"] == "job" and tracked.data.params["tree.branching"] == "[6, 1, 1, 1]"
     trained = json.loads((run_dir / "train" / "manifest.json").read_text())
     losses = sorted((m.step, m.value) for m in client.get_metric_history(tracked.info.run_id, "train/loss"))
     assert len(losses) >= 10 and [s for s, _ in losses] == list(range(1, trained["steps"] + 1))
