@@ -85,6 +85,7 @@ class Console:
         self._streams: tuple[TextIO, TextIO] = (sys.stdout, sys.stderr)
         self._bar: Any = None
         self._lock = threading.Lock()
+        self._shown: set[str] = set()
 
     def __enter__(self) -> Console:
         if self.verbose:
@@ -126,8 +127,13 @@ class Console:
             print(f"tgsft: stopped ({type(exc).__name__}{detail}); full logs: {self.log_file}", file=sys.stderr)
 
     def log(self, line: str) -> None:
-        """Show a line (and keep it in the log file)."""
+        """Show a line (and keep it in the log file). Quiet: a line shown before (the same model check at every
+        stage, say) goes to the log file only."""
         with self._lock:
+            if self._saved is not None and line in self._shown:
+                print(line, flush=True)
+                return
+            self._shown.add(line)
             if self._bar is not None:
                 self._bar.clear()
             print(line, file=self._out, flush=True)

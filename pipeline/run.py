@@ -18,6 +18,7 @@ the same domain share.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -127,8 +128,18 @@ def run(cfg: TGConfig, *, config_path: str | None = None, verbose: bool = False)
         except BaseException:
             tracker.finish(failed=True)
             raise
+        finally:
+            _leave_ray()
         tracker.finish()
         return report
+
+
+def _leave_ray() -> None:
+    """Shut Ray down (or leave the joined cluster) while library output still goes to the log file: Ray forwards
+    its actors' last lines (engines stopping) for a while after they are told to stop."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _run(cfg: TGConfig, run_dir: Path, *, config_path: str | None, console: Console, tracker: Tracker) -> dict:

@@ -1,5 +1,5 @@
 """The quiet console of `tgsft run`: library output (this process and its children) goes to the log file, the
-pipeline's own lines to the terminal and the file; errors leave with a note naming the file; training progress
+pipeline's own lines to the terminal (once) and the file; errors leave with a note naming the file; training progress
 records written by a worker reach the driver in order."""
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ def test_quiet_console_sends_library_output_to_the_log_file(tmp_path, capfd):
         print("a library's warning", file=sys.stderr)
         os.write(1, b"raw fd output\n")
         subprocess.run([sys.executable, "-c", "print('child process output')"], check=True)
+        console.log("model ready")
         console.log("== train")
+        console.log("model ready")  # a repeat is kept in the file only
     out, err = capfd.readouterr()
-    assert out.splitlines() == ["== generate", "== train"] and err == ""
+    assert out.splitlines() == ["== generate", "model ready", "== train"] and err == ""
     text = log_file.read_text()
+    assert text.count("model ready") == 2
     for line in ("== generate", "a library's print", "a library's warning", "raw fd output", "child process output",
                  "== train"):
         assert line in text
