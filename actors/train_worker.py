@@ -251,6 +251,11 @@ def _flops_per_token(module: Any) -> float:
     return 6.0 * trained + 4.0 * frozen
 
 
+def _mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: the matmul FLOPs trained per second over the measured peak (attention not counted)."""
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
+
+
 def _metrics(state: dict[str, Any], *, loss: float, meter: _Meter, now: float, chosen: dict[str, Any],
              n_params: int, flops_per_token: float, resumed: tuple[int, int], world: int) -> dict[str, Any]:
     """What a checkpoint reports to Ray Train (and the driver writes to the train manifest)."""
@@ -266,8 +271,7 @@ def _metrics(state: dict[str, Any], *, loss: float, meter: _Meter, now: float, c
     }
     if "peak_tflops" in chosen:
         out["peak_matmul_tflops"] = chosen["peak_tflops"] * world
-        # Model FLOPs utilisation over the measured peak (attention not counted; see _flops_per_token).
-        out["mfu"] = round(flops_per_token * rates["steady_tokens_per_s"] / (out["peak_matmul_tflops"] * 1e12), 4)
+        out["mfu"] = round(_mfu(flops_per_token, rates["steady_tokens_per_s"], out["peak_matmul_tflops"]), 4)
     return out
 
 
@@ -341,7 +345,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"step {step}/{wc.total_steps} loss {loss_avg:.4f} lr {lr:.2e} tokens/s {rate:.0f}", flush=True)
             record = {"step": step, "total_steps": wc.total_steps, "loss": loss_avg, "lr": lr, "tokens_per_s": rate}
             if "peak_tflops" in chosen:  # as in _metrics, over this logging interval
-                record["mfu"] = flops_per_token * rate / (chosen["peak_tflops"] * world * 1e12)
+                record["mfu"] = _mfu(flops_per_token, rate, chosen["peak_tflops"] * world)
             tracker.metrics({k: v for k, v in record.items() if k not in ("step", "total_steps")}, step=step)
             if wc.progress_file:
                 append_progress(wc.progress_file, record)

@@ -13,9 +13,10 @@ Reads ``data.train`` files (or the built-in domain set, :func:`pipeline.domain.b
   final checkpoint and renamed into place last; for a LoRA run (``train.lora``) the base with the adapter merged in;
 - ``adapter/``: a LoRA run's adapter in PEFT format (``adapter_config.json``, ``adapter_model.safetensors``);
 - ``manifest.json``: steps, tokens, real tokens/s (``tokens_per_s`` with the first step, ``steady_tokens_per_s``
-  after it), ``mfu`` (6 x parameters x tokens/s over the matmul peak measured in the worker), the precision chosen
-  and why (``precision: auto`` measures bf16 against fp32 on the worker's CPU), losses, mix and data statistics,
-  the config hash, and for a LoRA run ``lora`` (settings, trainable parameters, adapter bytes).
+  after it), ``mfu`` (matmul FLOPs per token, 6 per trained and 4 per frozen weight, times tokens/s, over the
+  matmul peak measured in the worker), the precision chosen and why (``precision: auto`` measures bf16 against fp32
+  on the worker's CPU), losses, mix and data statistics, the config hash, and for a LoRA run ``lora`` (settings,
+  trainable parameters, adapter bytes).
 
 The training stream is every epoch of the mix in its epoch order (``seed + epoch``), tokenized (and packed) on the
 driver (pure Python, thousands of examples per second: enough for TG corpora of a CPU or single-node run), then
@@ -224,10 +225,10 @@ def _copy_export(checkpoint: Any, model_dir: Path, adapter_dir: Path) -> None:
 def _lora_stats(tc: TrainConfig, *, adapter_dir: Path, model_dir: Path) -> dict[str, Any]:
     """What the train manifest records of a LoRA run: its settings, trainable parameters and adapter size on disk
     (bytes, and as a share of the merged model's weight files)."""
-    weights = adapter_dir / "adapter_model.safetensors"
-    with weights.open("rb") as f:  # safetensors: 8-byte little-endian header length, then a JSON header
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    trainable = sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    from safetensors import safe_open
+
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="numpy") as f:
+        trainable = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     adapter_bytes = sum(p.stat().st_size for p in adapter_dir.iterdir() if p.is_file())
     model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     return {**tc.lora.model_dump(mode="json"), "trainable_params": trainable, "adapter": str(adapter_dir),
