@@ -130,15 +130,13 @@ class Console:
         """Show a line (and keep it in the log file). Quiet: a line shown before (the same model check at every
         stage, say) goes to the log file only."""
         with self._lock:
-            if self._saved is not None and line in self._shown:
-                print(line, flush=True)
-                return
-            self._shown.add(line)
-            if self._bar is not None:
-                self._bar.clear()
-            print(line, file=self._out, flush=True)
-            if self._bar is not None:
-                self._bar.refresh()
+            if self._saved is None or line not in self._shown:
+                self._shown.add(line)
+                if self._bar is not None:
+                    self._bar.clear()
+                print(line, file=self._out, flush=True)
+                if self._bar is not None:
+                    self._bar.refresh()
         if self._saved is not None:
             print(line, flush=True)  # fd 1 is the log file
 
