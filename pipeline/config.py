@@ -40,6 +40,24 @@ class ConfigError(ValueError):
     """A configuration file or value is invalid; the message lists every problem with its key path."""
 
 
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def chat_template_file(value: str) -> Path:
+    """The Jinja file of ``model.chat_template``: a path, or the name of a template shipped in pipeline/templates/.
+
+    Raises:
+        ValueError: neither an existing file nor a shipped name.
+    """
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if (TEMPLATES / f"{value}.jinja").is_file():
+        return TEMPLATES / f"{value}.jinja"
+    names = ", ".join(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
+    raise ValueError(f"{value!r} is neither a Jinja file nor a shipped template name ({names})")
+
+
 def model_folder_problem(source: str) -> str | None:
     """Why a model source cannot load: a local path (starting with '/', '.' or '~') that holds no Hugging Face model.
 
@@ -90,12 +108,23 @@ class ModelConfig(_Section):
         description="Engine and Serve dtype. auto: on CPU bfloat16 or float32, whichever this CPU multiplies faster "
         "(measured where the engine starts); on GPU the checkpoint's dtype. Exports are bfloat16 unless set.",
     )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat-template file, or a shipped name (chatml), used instead of the model's own by "
+        "generation, training, the exported model and the endpoint. Unset: the model's own template.",
+    )
 
     @field_validator("source")
     @classmethod
     def _existing_folder(cls, v: str) -> str:
         if problem := model_folder_problem(v):
             raise ValueError(problem)
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _existing_template(cls, v: str | None) -> str | None:
+        if v is not None:
+            chat_template_file(v)
         return v
 
 
@@ -109,6 +138,10 @@ class EngineConfig(_Section):
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache of shared prefixes (siblings, ancestors).")
     kv_cache_gib: int = Field(2, ge=1, description="CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
+    reserved_cpus: int | None = Field(
+        None, ge=0, description="CPU only: cores vLLM keeps free of its compute threads (VLLM_CPU_NUM_OF_RESERVED_CPU). "
+        "Unset: 0 on hosts with at most 8 CPUs (vLLM's 1 would leave half of a 2-core host idle), else vLLM's own."
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction for vLLM.")
     max_num_seqs: int = Field(128, ge=1, description="Sequences one engine schedules at once.")
     batch_size: int = Field(256, ge=1, description="Rows per Ray Data batch sent to an engine.")
@@ -341,6 +374,7 @@ class ServeConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica.")
     enforce_eager: bool = Field(True, description="See engine.enforce_eager.")
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: KV cache whole GiB per served model.")
+    reserved_cpus: int | None = Field(None, ge=0, description="See engine.reserved_cpus.")
     ready_timeout_s: float = Field(600, gt=0, description="Seconds to wait for every model to answer.")
     server_cpus: float = Field(
         0.25, ge=0, description="Logical CPUs of each model's LLMServer replica actor (the engine has its own)."
@@ -371,6 +405,10 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, ge=1, description="Items per task (None = all).")
     num_fewshot: int | None = Field(
         None, ge=0, description="Few-shot examples per item; None: each task's default (0 for most, 5 for gsm8k)."
+    )
+    apply_chat_template: bool = Field(
+        False, description="Render lm-eval prompts (and few-shot examples, as turns) with the model's chat template "
+        "(model.chat_template if set), as instruct models expect; off: plain-text prompts as the tasks define them.",
     )
     num_concurrent: int = Field(
         16, ge=1, description="Parallel requests to the endpoint; the engine batches concurrent requests itself."

@@ -198,7 +198,7 @@ def _write_native(tracker: Any, res: dict[str, Any], samples: dict[str, list], o
 def run_lm_eval(
     *, base_url: str, model_id: str, tokenizer: str, tasks: list[str], data_dir: str | None, limit: int | None,
     num_fewshot: int | None, num_concurrent: int, batch_size: int = 1, max_length: int,
-    samples_dir: Path | None = None, include_path: str | None = None,
+    samples_dir: Path | None = None, include_path: str | None = None, apply_chat_template: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run lm-eval (``local-completions``) on ``tasks`` against one served model, keeping per-sample records.
 
@@ -215,6 +215,7 @@ def run_lm_eval(
         max_length: context length in tokens.
         samples_dir: where lm-eval's results JSON and per-sample JSONL go (None: not written).
         include_path: a folder of the user's own lm-eval task YAMLs.
+        apply_chat_template: render prompts with the tokenizer's chat template (few-shot examples as turns).
 
     Returns:
         ``{task: {"n": items, "metrics": {metric: {"value", "stderr", "higher_is_better"}}, "items": {...}}}``;
@@ -247,7 +248,7 @@ def run_lm_eval(
         res = lm_eval.simple_evaluate(
             model="local-completions", model_args=model_args, tasks=built, task_manager=manager, limit=limit,
             batch_size=batch_size, num_fewshot=num_fewshot, log_samples=True, evaluation_tracker=tracker,
-            bootstrap_iters=1000,
+            bootstrap_iters=1000, apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template,
         )
         samples = res.pop("samples")
         items = {task: item_scores(rows) for task, rows in samples.items()}  # before the tracker rewrites them
@@ -390,6 +391,7 @@ def _evaluate_model(
             base_url=base_url, model_id=served_id, tokenizer=source, tasks=ev.tasks, data_dir=ev.data_dir,
             limit=ev.limit, num_fewshot=ev.num_fewshot, num_concurrent=num_concurrent, batch_size=ev.batch_size,
             max_length=cfg.model.max_model_len, samples_dir=samples_dir, include_path=ev.include_path,
+            apply_chat_template=ev.apply_chat_template,
         )
     source_desc, items = domain
     if items:

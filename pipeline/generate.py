@@ -24,6 +24,7 @@ from pipeline import chat, tree
 from pipeline.cachekey import stage_key
 from pipeline.card import write_card
 from pipeline.config import EngineConfig, ModelConfig, TGConfig
+from pipeline.hardware import cpu_engine_env
 from pipeline.corpus import (
     DIALOGUE_SCHEMA,
     NODE_SCHEMA,
@@ -57,6 +58,7 @@ def engine_options(model: ModelConfig, engine: EngineConfig, *, model_len: int |
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
+        env.update(cpu_engine_env(engine.reserved_cpus))
         # vLLM's CPU runner dies ("CPU Generator does not use offset") when a seeded request's prefill is split over
         # two steps: it rewinds the request's generator, which only CUDA generators support. Every tgsft request is
         # seeded, and a level of long prompts overflows one step's token budget, so prompts are never split on CPU.
@@ -196,7 +198,7 @@ def generate(
         log(f"generate: reusing the complete corpus in {out_dir} ({previous['dialogues']} dialogues)")
         return previous
 
-    model_path = resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)
+    model_path = resolve_model(cfg.model, log=log)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     render = chat.renderer(tok)
     fmt = chat.probe(render, special_tokens=tok.all_special_tokens)

@@ -9,10 +9,11 @@ is used wherever the device supports it.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
-__all__ = ["choose_precision", "matmul_tflops", "resolve_dtype"]
+__all__ = ["choose_precision", "cpu_engine_env", "matmul_tflops", "resolve_dtype"]
 
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
 
@@ -69,3 +70,15 @@ def resolve_dtype(dtype: str, *, use_gpu: bool) -> tuple[str, str]:
         return "auto", "the checkpoint's dtype (GPU)"
     choice = choose_precision()
     return _TORCH_DTYPE[choice["precision"]], choice["reason"]
+
+
+def cpu_engine_env(reserved_cpus: int | None) -> dict[str, str]:
+    """Environment of a vLLM CPU engine: how many of this host's cores it keeps off its OpenMP compute threads.
+
+    vLLM binds its compute threads to the host's cores minus one reserved for its scheduler process. On a 2-core
+    host that computes on one core: measured there, reserving none decodes 1.5x and scores prompts 1.7x faster.
+    ``None`` reserves none on hosts with at most 8 CPUs and keeps vLLM's default above.
+    """
+    if reserved_cpus is None and len(os.sched_getaffinity(0)) > 8:
+        return {}
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved_cpus or 0)}

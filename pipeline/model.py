@@ -4,7 +4,12 @@ The embedded model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `
 dequantizes it once into a Hugging Face folder (safetensors + tokenizer + chat template) under the cache directory
 and records the GGUF's SHA-256 beside it; later calls with the same GGUF reuse the folder.
 
-Reads: the GGUF file. Writes: ``<cache>/models/smollm2-135m-instruct/`` (atomically, via a temporary folder).
+``model.chat_template`` is applied by :func:`with_chat_template`: a folder beside the cache's models that links to
+the model's files and carries the chosen template, so every stage that loads the model (engines, training, its
+export, Serve, lm-eval's tokenizer) renders with it.
+
+Reads: the GGUF file. Writes: ``<cache>/models/smollm2-135m-instruct/`` and ``<cache>/models/templated/<key>/``
+(atomically, via a temporary folder).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.config import model_folder_problem
+from pipeline.config import ModelConfig, chat_template_file, model_folder_problem
 from pipeline.corpus import atomic_write_text
 
-__all__ = ["EMBEDDED", "cache_dir", "embedded_gguf", "embedder_path", "prepare_embedded", "resolve_model"]
+__all__ = [
+    "EMBEDDED", "cache_dir", "embedded_gguf", "embedder_path", "prepare_embedded", "resolve_model",
+    "with_chat_template",
+]
 
 EMBEDDED = "embedded"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,12 +132,7 @@ def prepare_embedded(*, cache: str | None = None, force: bool = False, log=print
     return target
 
 
-def resolve_model(source: str, *, cache: str | None = None, log=print) -> str:
-    """Turn ``model.source`` into something transformers and vLLM load: a folder path or a hub id.
-
-    Raises:
-        FileNotFoundError: ``source`` looks like a path (starts with '/', '.', '~') but does not exist.
-    """
+def _source_path(source: str, *, cache: str | None, log) -> str:
     if source == EMBEDDED:
         return str(prepare_embedded(cache=cache, log=log))
     if problem := model_folder_problem(source):
@@ -137,3 +140,48 @@ def resolve_model(source: str, *, cache: str | None = None, log=print) -> str:
     if source.startswith(("/", ".", "~")):
         return str(Path(source).expanduser().resolve())
     return source
+
+
+def with_chat_template(folder: str, template: Path, *, cache: str | None = None) -> str:
+    """A folder that is ``folder`` (a local model folder or a hub id) with ``template`` as its chat template.
+
+    Links every file of the model except its chat template; writes ``chat_template.jinja`` and drops the
+    ``chat_template`` key of ``tokenizer_config.json``. Keyed on the model folder and the template text.
+    """
+    if not Path(folder).is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(folder)
+    source, text = Path(folder).resolve(), template.read_text()
+    key = hashlib.sha256(f"{source}\n{text}".encode()).hexdigest()[:16]
+    target = cache_dir(cache) / "models" / "templated" / key
+    if target.is_dir():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        for item in source.iterdir():
+            if item.name not in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+                (tmp / item.name).symlink_to(item.resolve())
+        tok_config = source / "tokenizer_config.json"
+        settings = json.loads(tok_config.read_text()) if tok_config.is_file() else {}
+        settings.pop("chat_template", None)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+        (tmp / "chat_template.jinja").write_text(text)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_model(model: ModelConfig, *, log=print) -> str:
+    """What every stage loads for the ``model`` section: a folder path or a hub id for ``model.source``, with
+    ``model.chat_template`` applied (:func:`with_chat_template`).
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path (starts with '/', '.', '~') but does not exist.
+    """
+    path = _source_path(model.source, cache=model.cache_dir, log=log)
+    if model.chat_template is None:
+        return path
+    return with_chat_template(path, chat_template_file(model.chat_template), cache=model.cache_dir)

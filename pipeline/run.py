@@ -179,7 +179,7 @@ def _run(cfg: TGConfig, run_dir: Path, *, config_path: str | None, console: Cons
         _track_training(arm_tracker, run_dir / name / "manifest.json")
         return str(model)
 
-    models = {"base": resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log),
+    models = {"base": resolve_model(cfg.model, log=log),
               "tuned": train_arm("train", cfg)}
     if cfg.run.control == CONTROL_ID:
         control = _control_config(cfg, run_dir / "train" / "mix" / "manifest.json")

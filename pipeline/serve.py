@@ -24,6 +24,7 @@ import urllib.request
 from typing import Any, Callable, Iterator
 
 from pipeline.config import ModelConfig, ServeConfig, TGConfig, model_folder_problem
+from pipeline.hardware import cpu_engine_env
 
 __all__ = ["APP_NAME", "ServeError", "build_app_args", "default_models", "free_port", "request_json",
            "required_cpus", "serve_forever", "serving", "wait_ready"]
@@ -39,7 +40,7 @@ def default_models(cfg: TGConfig, *, log: Callable[[str], None] = print) -> dict
     """The models a run serves by default: ``base`` (model.source) and ``tuned`` (<run>/train/model) if trained."""
     from pipeline.model import resolve_model
 
-    models = {"base": resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)}
+    models = {"base": resolve_model(cfg.model, log=log)}
     tuned = cfg.run_dir / "train" / "model"
     if (tuned / "config.json").is_file():
         models["tuned"] = str(tuned.resolve())
@@ -79,7 +80,7 @@ def build_app_args(models: dict[str, str], *, serve: ServeConfig, model: ModelCo
         engine_kwargs["gpu_memory_utilization"] = serve.gpu_memory_utilization
     engine_kwargs.update(serve.engine_kwargs)
     # vLLM's CPU backend sizes its KV cache from this variable; GPU engines ignore it.
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(serve.kv_cache_gib)))}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(serve.kv_cache_gib))), **cpu_engine_env(serve.reserved_cpus)}
     configs = [
         {
             "model_loading_config": {"model_id": model_id, "model_source": source},

@@ -264,7 +264,7 @@ def prepare_tokens(cfg: TGConfig, *, corpus_dir: Path | None, out_dir: Path,
     from pipeline.model import resolve_model
 
     tc = cfg.train
-    model_path = resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)
+    model_path = resolve_model(cfg.model, log=log)
     domain = load_examples(_domain_files(cfg, log), fmt=cfg.data.format, bad_rows=cfg.data.bad_rows,
                            max_examples=cfg.data.max_examples)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -375,7 +375,7 @@ def train(
     tc = cfg.train
     out_dir = Path(out_dir or cfg.run_dir / "train")
     model_dir = out_dir / "model"
-    model_path = resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log)
+    model_path = resolve_model(cfg.model, log=log)
     run_hash, full_hash = _keys(cfg, model_path=model_path, corpus_dir=corpus_dir)
     done = read_json(out_dir / "manifest.json")
     if done and (model_dir / "config.json").is_file():

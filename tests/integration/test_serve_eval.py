@@ -161,6 +161,21 @@ def _post(url: str, body: bytes) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def test_lm_eval_with_the_chat_template(served, model_path, tmp_path):
+    """eval.apply_chat_template: lm-eval renders each prompt as a user turn of the model's template before scoring."""
+    from pipeline.evaluate import run_lm_eval
+
+    cfg, base_url = served
+    out = run_lm_eval(base_url=base_url, model_id="base", tokenizer=model_path, tasks=["tgsft_general"],
+                      data_dir=None, limit=2, num_fewshot=0, num_concurrent=4, max_length=cfg.model.max_model_len,
+                      samples_dir=tmp_path / "samples", apply_chat_template=True)
+    assert out["tgsft_general"]["n"] > 0
+    records = [json.loads(line) for f in (tmp_path / "samples").glob("samples_*.jsonl") for line in f.open()]
+    contexts = [r["arguments"]["gen_args_0"]["arg_0"] for r in records]
+    assert contexts and all(c.startswith("<|im_start|>system") and "<|im_start|>user\n" in c
+                            and c.rstrip().endswith("<|im_start|>assistant") for c in contexts), contexts[:2]
+
+
 def test_bad_requests_get_clear_errors(served):
     """The endpoint's side of the bad-input catalogue: malformed body, unknown model id, max_tokens too large."""
     cfg, base_url = served

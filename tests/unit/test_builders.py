@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_config
+from pipeline.hardware import cpu_engine_env
 from pipeline.serve import build_app_args, required_cpus
 from pipeline.train import deepspeed_config
 
@@ -51,7 +52,8 @@ def test_required_cpus_counts_engine_server_and_ingress():
     assert required_cpus(2, serve=serve) == 5.25  # 2 x (2 + 0.5) + 0.25
 
 
-def test_build_app_args_on_cpu():
+def test_build_app_args_on_cpu(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # a 2-core host: no core kept from compute
     cfg = load_config(None, overrides=["model.dtype=bfloat16", "model.max_model_len=1024", "serve.kv_cache_gib=3",
                                        "serve.engine_kwargs={max_num_seqs: 8}"])
     args = build_app_args({"base": "/m/base", "tuned": "/m/tuned"}, serve=cfg.serve, model=cfg.model)
@@ -63,10 +65,22 @@ def test_build_app_args_on_cpu():
     assert base["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}  # no GPU key: it would wait for a GPU
     assert base["deployment_config"] == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
                                          "ray_actor_options": {"num_cpus": 0.25}}
-    assert base["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "3"}}
+    assert base["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
     assert args["ingress_deployment_config"] == {"ray_actor_options": {"num_cpus": 0.25}}
     base["engine_kwargs"]["dtype"] = "float32"
     assert tuned["engine_kwargs"]["dtype"] == "bfloat16"  # every model gets its own copy
+
+
+@pytest.mark.parametrize(("cpus", "reserved", "env"), [
+    (2, None, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+    (8, None, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+    (64, None, {}),  # vLLM's own default (one core for its scheduler)
+    (64, 2, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}),
+    (2, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}),
+])
+def test_cpu_engine_env_reserves_no_core_on_small_hosts(monkeypatch, cpus, reserved, env):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    assert cpu_engine_env(reserved) == env
 
 
 def test_build_app_args_on_gpus_and_without_models():
