@@ -154,7 +154,7 @@ def run_train(args, arm: str, files: tuple[Path, Path]) -> Path:
 
     if arm == "base":
         cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
-        return Path(resolve_model(cfg.model.source, cache=cfg.model.cache_dir, log=log))
+        return Path(resolve_model(cfg.model, log=log))
     cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
     t0 = time.monotonic()
     model = train(cfg, corpus_dir=Path(cfg.mix.tg_corpus) if cfg.mix.tg_corpus else None, log=log)
