@@ -45,17 +45,22 @@ _KIND_OF_ROLE = {"user": "question", "assistant": "answer"}
 
 SWEEP_BRANCHING = [4, 1]  # 4 questions + 4 answers, ~350 generated tokens per arm and setting
 SWEEP_MAX_NEW_TOKENS = [32, 64]
-# dtype/mode/max_num_seqs; "auto" is the dtype this CPU multiplies faster. 2 < 4 prompts per level: two waves.
-SETTINGS = ["float32/eager/128", "float32/compiled/128", "float32/eager/2", "bfloat16/eager/128"]
+# dtype/mode/max_num_seqs[/reservedN]; "auto" is the dtype this CPU multiplies faster. 2 < 4 prompts per level: two
+# waves. reservedN: cores vLLM keeps off its compute threads (engine.reserved_cpus; unset = tgsft's default, 0 on
+# small hosts; vLLM's own default is 1, which on a 2-core host computes on one core).
+SETTINGS = ["float32/eager/128", "float32/eager/128/reserved1", "float32/compiled/128", "float32/eager/2",
+            "bfloat16/eager/128"]
 DEFAULT_SETTING = "auto/eager/128"  # configs/local.yaml's engine section today
 
 
 def _parse_setting(setting: str, dtype_auto: str) -> dict:
-    dtype, mode, seqs = setting.split("/")
+    dtype, mode, seqs, *reserved = setting.split("/")
     if mode not in ("eager", "compiled"):
         raise ValueError(f"--settings: mode must be eager or compiled, got {mode!r} in {setting!r}")
+    if reserved and not (len(reserved) == 1 and reserved[0].startswith("reserved") and reserved[0][8:].isdigit()):
+        raise ValueError(f"--settings: the optional 4th part is reservedN (e.g. reserved1), got {setting!r}")
     return {"dtype": dtype_auto if dtype == "auto" else dtype, "enforce_eager": mode == "eager",
-            "max_num_seqs": int(seqs)}
+            "max_num_seqs": int(seqs), "reserved_cpus": int(reserved[0][8:]) if reserved else None}
 
 
 def _config(out_root: Path, branching: list[int], lengths: list[int], setting: dict):
@@ -65,6 +70,7 @@ def _config(out_root: Path, branching: list[int], lengths: list[int], setting: d
         f"output_root={out_root}", "name=bench", "tree.preset=null", f"tree.branching={branching}",
         f"tree.max_new_tokens={lengths}", f"model.dtype={setting['dtype']}",
         f"engine.enforce_eager={str(setting['enforce_eager']).lower()}", f"engine.max_num_seqs={setting['max_num_seqs']}",
+        *([f"engine.reserved_cpus={setting['reserved_cpus']}"] if setting["reserved_cpus"] is not None else []),
     ])
 
 
