@@ -275,6 +275,19 @@ def _metrics(state: dict[str, Any], *, loss: float, meter: _Meter, now: float, c
     return out
 
 
+def _log_progress(wc: WorkerConfig, tracker: Tracker, *, step: int, loss: float, lr: float, rate: float,
+                  chosen: dict[str, Any], flops_per_token: float, world: int) -> None:
+    """Rank 0's progress line, tracked metrics and progress record of one logging interval (``rate``: its
+    tokens/s)."""
+    print(f"step {step}/{wc.total_steps} loss {loss:.4f} lr {lr:.2e} tokens/s {rate:.0f}", flush=True)
+    record = {"step": step, "total_steps": wc.total_steps, "loss": loss, "lr": lr, "tokens_per_s": rate}
+    if "peak_tflops" in chosen:  # as in _metrics, over this logging interval
+        record["mfu"] = _mfu(flops_per_token, rate, chosen["peak_tflops"] * world)
+    tracker.metrics({k: v for k, v in record.items() if k not in ("step", "total_steps")}, step=step)
+    if wc.progress_file:
+        append_progress(wc.progress_file, record)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train on this worker's shard until ``total_steps`` optimizer steps; checkpoint, export, report.
 
@@ -341,14 +354,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         now = meter.step(tokens)
         tok_log += tokens
         if rank == 0 and (step % wc.log_every == 0 or step == wc.total_steps):
-            rate, lr = tok_log / max(now - t_log, 1e-9), engine.get_lr()[0]
-            print(f"step {step}/{wc.total_steps} loss {loss_avg:.4f} lr {lr:.2e} tokens/s {rate:.0f}", flush=True)
-            record = {"step": step, "total_steps": wc.total_steps, "loss": loss_avg, "lr": lr, "tokens_per_s": rate}
-            if "peak_tflops" in chosen:  # as in _metrics, over this logging interval
-                record["mfu"] = _mfu(flops_per_token, rate, chosen["peak_tflops"] * world)
-            tracker.metrics({k: v for k, v in record.items() if k not in ("step", "total_steps")}, step=step)
-            if wc.progress_file:
-                append_progress(wc.progress_file, record)
+            _log_progress(wc, tracker, step=step, loss=loss_avg, lr=engine.get_lr()[0],
+                          rate=tok_log / max(now - t_log, 1e-9), chosen=chosen, flops_per_token=flops_per_token,
+                          world=world)
             t_log, tok_log = now, 0
         final = step >= wc.total_steps
         if final or (wc.checkpoint_every and step % wc.checkpoint_every == 0):

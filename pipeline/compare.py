@@ -161,9 +161,9 @@ def prevented(results: dict[str, dict], arms: list[str], comps: list[dict]) -> d
     single = [m for m in by_measure if m["metric"] == HEADLINE_METRIC]
     head = (pooled or single or by_measure)[0]
     if head["control_forgot"]:
+        ci = head["ci95"]
         statement = (f"The TG mix prevented {100 * head['share']:.0f} % of domain-only's drop in {head['metric']} "
-                     f"on {head['task']}" + (f" (95 % CI {100 * head['ci95'][0]:.0f} % to {100 * head['ci95'][1]:.0f} %)."
-                                             if head["ci95"] else "."))
+                     f"on {head['task']}" + (f" (95 % CI {100 * ci[0]:.0f} % to {100 * ci[1]:.0f} %)." if ci else "."))
     else:
         statement = (f"Domain-only did not forget measurably in {head['metric']} on {head['task']} (drop "
                      f"{head['control_drop']:+.4f}, 95 % CI {head['control_drop_ci95'][0]:+.4f} to "

@@ -83,6 +83,54 @@ def _draw(n_avail: int, rng: np.random.Generator, need: Callable[[int, int], boo
             out.append(int(i))
 
 
+def _draw_tokens(tg_msgs: list, tg_text: list, rng: np.random.Generator, *, target_tokens: float,
+                 count_tokens: CountTokens) -> list[int]:
+    """TG rows drawn until their tokens reach ``target_tokens``, stopping at the row that lands closest."""
+    cache: dict[int, int] = {}
+
+    def tokens_of(i: int) -> int:
+        if i not in cache:
+            cache[i] = count_tokens(tg_msgs[i] or None, tg_text[i])
+        return cache[i]
+
+    total = [0]
+
+    def need(_count: int, i: int) -> bool:
+        # Take row i if that lands closer to the target than stopping here.
+        if abs(total[0] + tokens_of(i) - target_tokens) < abs(total[0] - target_tokens):
+            total[0] += tokens_of(i)
+            return True
+        return False
+
+    return _draw(len(tg_msgs), rng, need)
+
+
+def _mixed_table(domain: Sequence[list[dict]], tg: pa.Table | None, picks: list[int], *, tg_msgs: list,
+                 tg_text: list, rng: np.random.Generator) -> pa.Table:
+    """Every domain example and the picked TG rows (repeats included), shuffled with ``rng``."""
+    ids = [f"domain-{i:06d}" for i in range(len(domain))]
+    sources = ["domain"] * len(domain)
+    messages: list[list[dict]] = [list(m) for m in domain]
+    texts: list[str | None] = [None] * len(domain)
+    if picks:
+        tg_ids = tg.column("dialogue_id").to_pylist()
+        for i in picks:
+            ids.append(tg_ids[i])
+            sources.append("tg")
+            messages.append(tg_msgs[i] or [])
+            texts.append(tg_text[i] if not tg_msgs[i] else None)
+    order = rng.permutation(len(ids))
+    return pa.table(
+        {
+            "id": [ids[i] for i in order],
+            "source": [sources[i] for i in order],
+            "messages": [messages[i] for i in order],
+            "text": [texts[i] for i in order],
+        },
+        schema=MIX_SCHEMA,
+    )
+
+
 def build_mix(
     domain: Sequence[list[dict]],
     tg: pa.Table | None,
@@ -121,6 +169,8 @@ def build_mix(
 
     picks: list[int] = []
     tg_tokens: list[int] = []
+    tg_msgs: list = []
+    tg_text: list = []
     n_avail = 0 if tg is None else tg.num_rows
     if tg_ratio > 0:
         if n_avail == 0:
@@ -131,48 +181,12 @@ def build_mix(
             target = round(len(domain) * share)
             picks = _draw(n_avail, rng, lambda count, _i: count < target)
         else:
-            target_tokens = sum(dom_tokens) * share
-            cache: dict[int, int] = {}
-
-            def tokens_of(i: int) -> int:
-                if i not in cache:
-                    cache[i] = count_tokens(tg_msgs[i] or None, tg_text[i])
-                return cache[i]
-
-            total = [0]
-
-            def need(_count: int, i: int) -> bool:
-                # Take row i if that lands closer to the target than stopping here.
-                if abs(total[0] + tokens_of(i) - target_tokens) < abs(total[0] - target_tokens):
-                    total[0] += tokens_of(i)
-                    return True
-                return False
-
-            picks = _draw(n_avail, rng, need)
+            picks = _draw_tokens(tg_msgs, tg_text, rng, target_tokens=sum(dom_tokens) * share,
+                                 count_tokens=count_tokens)
         if count_tokens:
             tg_tokens = [count_tokens(tg_msgs[i] or None, tg_text[i]) for i in picks]
 
-    ids = [f"domain-{i:06d}" for i in range(len(domain))]
-    sources = ["domain"] * len(domain)
-    messages: list[list[dict]] = [list(m) for m in domain]
-    texts: list[str | None] = [None] * len(domain)
-    if picks:
-        tg_ids = tg.column("dialogue_id").to_pylist()
-        for i in picks:
-            ids.append(tg_ids[i])
-            sources.append("tg")
-            messages.append(tg_msgs[i] or [])
-            texts.append(tg_text[i] if not tg_msgs[i] else None)
-    order = rng.permutation(len(ids))
-    table = pa.table(
-        {
-            "id": [ids[i] for i in order],
-            "source": [sources[i] for i in order],
-            "messages": [messages[i] for i in order],
-            "text": [texts[i] for i in order],
-        },
-        schema=MIX_SCHEMA,
-    )
+    table = _mixed_table(domain, tg, picks, tg_msgs=tg_msgs, tg_text=tg_text, rng=rng)
     unique = len(set(picks))
     stats: dict[str, Any] = {
         "tg_ratio": tg_ratio,

@@ -203,7 +203,8 @@ def _run(cfg: TGConfig, run_dir: Path, *, config_path: str | None, console: Cons
     tracker.artifacts([run_dir / "report" / f"report.{ext}" for ext in ("md", "json", "png")], under="report")
     tracker.scoped("seconds").metrics(timings)
     log(_headline((run_dir / "report" / "report.md").read_text(encoding="utf-8")))
-    log(f"run {cfg.name} finished in {time.monotonic() - t0:.0f} s ({', '.join(f'{k} {v} s' for k, v in timings.items())})")
+    stages = ", ".join(f"{k} {v} s" for k, v in timings.items())
+    log(f"run {cfg.name} finished in {time.monotonic() - t0:.0f} s ({stages})")
     arms = "train/model/, train_domain_only/model/" if CONTROL_ID in models else "train/model/"
     log(f"files: {run_dir}/ (corpus/, {arms}, eval/, report/report.{{json,md,png}} (the full report), "
         "logs/tgsft.log, mlflow/)")

@@ -48,7 +48,7 @@ class WorkerConfig:
         log_every: optimizer steps between progress lines.
         export_dtype: torch dtype name of the exported weights.
         seed: torch seed.
-        lora: LoRA settings (``pipeline.config.LoraConfig`` as a dict: r, alpha, dropout, target_modules,
+        lora: LoRA settings (``pipeline.sections.LoraConfig`` as a dict: r, alpha, dropout, target_modules,
             load_in_4bit); None trains every weight.
         tracking_uri: MLflow store rank 0 logs every progress step to (``pipeline.tracking``); None: no MLflow.
         tracking_run_id: the MLflow run of this ``tgsft run``.

@@ -8,7 +8,7 @@ import pytest
 HEAVY = ("vllm", "torch", "deepspeed", "ray", "transformers", "lm_eval", "sentence_transformers")
 MODULES = ["pipeline", "pipeline.config", "pipeline.cachekey", "pipeline.cli", "pipeline.chat", "pipeline.tree",
            "pipeline.dedup", "pipeline.corpus", "pipeline.generate", "pipeline.run", "pipeline.model", "pipeline.runtime",
-           "pipeline.quality", "pipeline.reference", "pipeline.card",
+           "pipeline.quality", "pipeline.reference", "pipeline.card", "pipeline.sections", "pipeline.levels",
            "pipeline.inspect_corpus", "actors.engine", "actors.embedder"]
 
 

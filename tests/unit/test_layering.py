@@ -1,5 +1,6 @@
 """Imports go one way: no cycle among the project's modules, and ``pipeline`` reaches ``actors`` only where a stage
-starts its actors, inside the function that starts them (read with the ast module, nothing is imported)."""
+starts its actors, inside the function that starts them. Modules, functions and lines stay within their size limits.
+All read with the ast module, nothing is imported."""
 
 from __future__ import annotations
 
@@ -9,13 +10,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "actors")
 
-# The stage drivers that start Ray actors, and the actor modules each one starts. Everything else in `pipeline`
+# The stage modules that start Ray actors, and the actor modules each one starts. Everything else in `pipeline`
 # is pure or talks to running actors through handles it is given.
 ACTOR_STARTERS = {
-    "pipeline.generate": {"actors.engine", "actors.embedder"},  # the engine pool and the dedup embedder
+    "pipeline.generate": {"actors.engine"},  # the engine pool
+    "pipeline.levels": {"actors.embedder"},  # the question-dedup embedder
     "pipeline.quality": {"actors.embedder"},  # the embedder for corpus quality metrics, when none is passed in
     "pipeline.train": {"actors.train_worker"},  # the Ray Train worker loop
 }
+
+# Size limits: lines per module, lines per function (decorators not counted), characters per line.
+MODULE_LINES = 400
+FUNCTION_LINES = 80
+LINE_CHARS = 120
+MODULE_LIMITED = ("pipeline",)
+FUNCTION_LIMITED = ("pipeline", "actors", "cluster")
+LINE_LIMITED = ("pipeline", "actors")
 
 
 def _module_files() -> dict[str, Path]:
@@ -114,3 +124,38 @@ def test_pipeline_imports_actors_only_where_it_starts_them():
 def test_cycle_finder_on_a_known_graph():
     assert _cycle({"a": {"b": False}, "b": {"c": True}, "c": {}}) is None
     assert _cycle({"a": {"b": False}, "b": {"c": True}, "c": {"a": False}}) == ["a", "b", "c", "a"]
+
+
+def _sources(packages: tuple[str, ...]) -> dict[str, str]:
+    """Repository-relative path -> text of every Python file under ``packages``."""
+    return {str(path.relative_to(REPO)): path.read_text(encoding="utf-8")
+            for package in packages for path in sorted((REPO / package).rglob("*.py"))}
+
+
+def _long_functions(source: str, limit: int) -> list[tuple[str, int]]:
+    """``(name, lines)`` of every function or method in ``source`` longer than ``limit`` lines."""
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= limit]
+
+
+def test_modules_stay_short():
+    long = {path: n for path, text in _sources(MODULE_LIMITED).items() if (n := len(text.splitlines())) > MODULE_LINES}
+    assert long == {}, f"modules over {MODULE_LINES} lines: split them"
+
+
+def test_functions_stay_short():
+    long = {f"{path}:{name}": n for path, text in _sources(FUNCTION_LIMITED).items()
+            for name, n in _long_functions(text, FUNCTION_LINES)}
+    assert long == {}, f"functions over {FUNCTION_LINES} lines: give their parts names"
+
+
+def test_lines_stay_short():
+    long = [f"{path}:{i}" for path, text in _sources(LINE_LIMITED).items()
+            for i, line in enumerate(text.splitlines(), 1) if len(line) > LINE_CHARS]
+    assert long == [], f"lines over {LINE_CHARS} characters"
+
+
+def test_size_checks_on_known_source():
+    source = "def short():\n    return 1\n\n\ndef long():\n" + "    x = 1\n" * 80 + "    return x\n"
+    assert _long_functions(source, 80) == [("long", 82)]
+    assert _long_functions(source, 82) == []
