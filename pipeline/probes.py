@@ -24,6 +24,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.chat import renderer
+from pipeline.tokenization import assistant_spans
+
 __all__ = ["GENERIC_DIALOGUES", "drift_probes", "generic_rows", "load_reference_text", "scored_tokens"]
 
 # (question, answer): generic everyday requests with plain answers, written for this project.
@@ -105,24 +108,16 @@ def generic_rows(n: int) -> list[dict[str, Any]]:
 def scored_tokens(tok: Any, row: dict[str, Any], max_len: int) -> tuple[list[int], list[bool]]:
     """Token ids of a dialogue (``messages``) or plain text (``text``) and which of them are scored.
 
-    Scored: the assistant-content tokens of a dialogue rendered with the chat template (template control tokens
-    and user turns are context only), or every token of plain text. At most ``max_len - 1`` tokens are kept.
+    Scored: the tokens the SFT loss applies to (assistant turns with their end-of-turn marker, as
+    :func:`pipeline.tokenization.assistant_spans` finds them; user turns and template text are context only), or
+    every token of plain text. At most ``max_len - 1`` tokens are kept.
 
     Raises:
-        ValueError: the chat template changed a message's text, so spans cannot be located.
+        ValueError: the chat template is not prefix-stable, so assistant spans cannot be located.
     """
     if row.get("messages"):
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        text = tok.apply_chat_template(messages, tokenize=False)
-        spans, cursor = [], 0
-        for m in messages:
-            content = m["content"].strip()
-            pos = text.find(content, cursor)
-            if pos < 0:
-                raise ValueError(f"dialogue {row.get('dialogue_id')}: chat template changed a message's text")
-            if m["role"] == "assistant":
-                spans.append((pos, pos + len(content)))
-            cursor = pos + len(content)
+        text, spans = assistant_spans(renderer(tok), messages)
     else:
         text = row.get("text") or ""
         spans = [(0, len(text))]
