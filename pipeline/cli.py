@@ -3,6 +3,7 @@ the schema lives in :mod:`pipeline.config`.
 
     tgsft model prepare                 # convert the embedded model once
     tgsft config show [CONFIG]          # effective config, defaults filled in
+    tgsft config show [CONFIG] --resources  # CPUs, GPUs and memory each stage asks of the cluster
     tgsft generate [CONFIG]             # tree generation -> <run>/corpus
     tgsft train [CONFIG]                # mix + SFT -> <run>/train/model
     tgsft serve [CONFIG]                # OpenAI-compatible endpoint for base and tuned models
@@ -19,6 +20,10 @@ import argparse
 import errno
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import TGConfig
 
 __all__ = ["main"]
 
@@ -43,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="configuration utilities").add_subparsers(dest="action", required=True)
     show = cfg.add_parser("show", help="print the effective config with defaults filled in")
     _add_config(show)
+    show.add_argument("--resources", action="store_true",
+                      help="print what each stage asks of the cluster (CPUs, GPUs, training memory) instead")
 
     gen = sub.add_parser("generate", help="tree generation: self-decompress the model into a corpus")
     _add_config(gen)
@@ -117,6 +124,37 @@ def _notes(e: BaseException) -> str:
     return "".join(f"\n{note}" for note in getattr(e, "__notes__", []))
 
 
+def _print_resources(cfg: TGConfig) -> None:
+    """The table of :func:`pipeline.resources.resources`: one row per stage, then the peak and training memory."""
+    from pipeline.resources import resources
+
+    res = resources(cfg)
+    head = ("stage", "count", "CPUs each", "GPUs each", "CPUs", "GPUs", "")
+    rows = [head] + [(s["stage"], str(s["count"]), f"{s['cpus_each']:g}", f"{s['gpus_each']:g}", f"{s['cpus']:g}",
+                      f"{s['gpus']:g}", s["note"]) for s in res["stages"]]
+    rows.append(("peak", "", "", "", f"{res['peak_cpus']:g}", f"{res['peak_gpus']:g}", "stages run one at a time"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    mem, params = res["train_memory"], res["params"]
+    if mem is None:
+        print("training memory per worker: unknown (parameter count needs a local model folder)")
+    else:
+        where = "GPU" if cfg.train.use_gpu else "RAM"
+        print(f"training memory per worker (estimate, {params / 1e9:.2f} B params, model states only, no "
+              f"activations): ~{mem['device'] / 1e9:.1f} GB {where} + ~{mem['host'] / 1e9:.1f} GB offloaded to RAM")
+
+
+def _show_config(cfg: TGConfig, *, resources: bool) -> None:
+    """``tgsft config show``: the effective config as YAML, or with ``--resources`` what each stage reserves."""
+    if resources:
+        _print_resources(cfg)
+        return
+    import yaml
+
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipeline.config import ConfigError, load_config
@@ -149,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, overrides=args.overrides)
         if args.command == "config":
-            import yaml
-
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            _show_config(cfg, resources=args.resources)
         elif args.command == "generate":
             from pipeline.generate import generate
 
