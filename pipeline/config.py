@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.sections import (
     PRESET_DIR,
@@ -73,6 +73,15 @@ class ServeConfig(Section):
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: memory fraction per model.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine keyword arguments.")
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> "ServeConfig":
+        gpus, tp = self.gpus_per_replica, int(self.engine_kwargs.get("tensor_parallel_size", 1))
+        if gpus > 0 and gpus != tp and not (tp == 1 and gpus < 1):
+            self._reject([("gpus_per_replica", f"one GPU per tensor-parallel rank: must equal "
+                           f"serve.engine_kwargs.tensor_parallel_size ({tp}), or 0 on CPU, or a fraction below 1 "
+                           "when tensor_parallel_size is 1")])
+        return self
 
 
 class DomainTaskConfig(Section):

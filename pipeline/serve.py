@@ -68,7 +68,7 @@ def build_app_args(models: dict[str, str], *, serve: ServeConfig, model: ModelCo
     """
     if not models:
         raise ValueError("serve: no models to serve")
-    bundle: dict[str, float] = {"CPU": serve.cpus_per_replica}
+    bundles: list[dict[str, float]] = [{"CPU": serve.cpus_per_replica}]
     engine_kwargs: dict[str, Any] = {
         "dtype": model.dtype,
         "max_model_len": model.max_model_len,
@@ -76,7 +76,10 @@ def build_app_args(models: dict[str, str], *, serve: ServeConfig, model: ModelCo
         "trust_remote_code": model.trust_remote_code,
     }
     if serve.gpus_per_replica > 0:
-        bundle["GPU"] = serve.gpus_per_replica
+        # vLLM's Ray executor places one tensor-parallel rank per GPU bundle: n GPUs are n bundles of one.
+        ranks = int(serve.engine_kwargs.get("tensor_parallel_size", 1))
+        bundles[0]["GPU"] = 1.0 if ranks > 1 else serve.gpus_per_replica
+        bundles += [{"GPU": 1.0} for _ in range(ranks - 1)]
         engine_kwargs["gpu_memory_utilization"] = serve.gpu_memory_utilization
     engine_kwargs.update(serve.engine_kwargs)
     # vLLM's CPU backend sizes its KV cache from this variable; GPU engines ignore it.
@@ -85,7 +88,7 @@ def build_app_args(models: dict[str, str], *, serve: ServeConfig, model: ModelCo
         {
             "model_loading_config": {"model_id": model_id, "model_source": source},
             "engine_kwargs": dict(engine_kwargs),
-            "placement_group_config": {"bundles": [dict(bundle)]},
+            "placement_group_config": {"bundles": [dict(b) for b in bundles]},
             "deployment_config": {
                 "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
                 "ray_actor_options": {"num_cpus": serve.server_cpus},

@@ -88,5 +88,11 @@ def test_build_app_args_on_gpus_and_without_models():
     (llm,) = build_app_args({"m": "org/model"}, serve=cfg.serve, model=cfg.model)["llm_configs"]
     assert llm["placement_group_config"] == {"bundles": [{"CPU": 1.0, "GPU": 1.0}]}
     assert llm["engine_kwargs"]["gpu_memory_utilization"] == 0.5
+    cfg = load_config(None, overrides=["serve.gpus_per_replica=4", "serve.cpus_per_replica=4",
+                                       "serve.engine_kwargs={tensor_parallel_size: 4}"])
+    (llm,) = build_app_args({"m": "org/model"}, serve=cfg.serve, model=cfg.model)["llm_configs"]
+    # vLLM's Ray executor puts one tensor-parallel rank on each bundle: four bundles of one GPU
+    assert llm["placement_group_config"] == {"bundles": [{"CPU": 4.0, "GPU": 1.0}] + [{"GPU": 1.0}] * 3}
+    assert llm["engine_kwargs"]["tensor_parallel_size"] == 4
     with pytest.raises(ValueError, match="no models to serve"):
         build_app_args({}, serve=cfg.serve, model=cfg.model)

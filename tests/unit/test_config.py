@@ -74,6 +74,10 @@ INVALID = {
     "GPUs per replica != tensor parallel size": (
         "engine:\n  gpus_per_replica: 1\n  tensor_parallel_size: 2\n",
         "engine.gpus_per_replica: one GPU per tensor-parallel rank: must equal engine.tensor_parallel_size (2)"),
+    "served GPUs != tensor parallel size": (
+        "serve:\n  gpus_per_replica: 4\n",
+        "serve.gpus_per_replica: one GPU per tensor-parallel rank: must equal "
+        "serve.engine_kwargs.tensor_parallel_size (1)"),
 }
 
 
