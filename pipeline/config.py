@@ -35,6 +35,7 @@ from pipeline.sections import (
     TrainConfig,
     TreeConfig,
     chat_template_file,
+    gpu_rank_problems,
     model_folder_problem,
 )
 
@@ -76,11 +77,8 @@ class ServeConfig(Section):
 
     @model_validator(mode="after")
     def _check_gpus(self) -> "ServeConfig":
-        gpus, tp = self.gpus_per_replica, int(self.engine_kwargs.get("tensor_parallel_size", 1))
-        if gpus > 0 and gpus != tp and not (tp == 1 and gpus < 1):
-            self._reject([("gpus_per_replica", f"one GPU per tensor-parallel rank: must equal "
-                           f"serve.engine_kwargs.tensor_parallel_size ({tp}), or 0 on CPU, or a fraction below 1 "
-                           "when tensor_parallel_size is 1")])
+        self._reject(gpu_rank_problems(self.gpus_per_replica, int(self.engine_kwargs.get("tensor_parallel_size", 1)),
+                                       "serve.engine_kwargs.tensor_parallel_size"))
         return self
 
 

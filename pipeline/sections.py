@@ -29,12 +29,22 @@ __all__ = [
     "TrainConfig",
     "TreeConfig",
     "chat_template_file",
+    "gpu_rank_problems",
     "model_folder_problem",
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def gpu_rank_problems(gpus: float, ranks: int, ranks_key: str) -> list[tuple[str, str]]:
+    """``[("gpus_per_replica", why)]`` unless a replica has one GPU per tensor-parallel rank (or none, or a fraction
+    of one GPU at one rank); empty when it does."""
+    if gpus > 0 and gpus != ranks and not (ranks == 1 and gpus < 1):
+        return [("gpus_per_replica", f"one GPU per tensor-parallel rank: must equal {ranks_key} ({ranks}), or 0 on "
+                 "CPU, or a fraction below 1 when tensor_parallel_size is 1")]
+    return []
 
 
 def chat_template_file(value: str) -> Path:
@@ -144,11 +154,8 @@ class EngineConfig(Section):
 
     @model_validator(mode="after")
     def _check_gpus(self) -> "EngineConfig":
-        gpus, tp = self.gpus_per_replica, self.tensor_parallel_size
-        if gpus > 0 and gpus != tp and not (tp == 1 and gpus < 1):
-            self._reject([("gpus_per_replica", f"one GPU per tensor-parallel rank: must equal "
-                           f"engine.tensor_parallel_size ({tp}), or 0 on CPU, or a fraction below 1 when "
-                           "tensor_parallel_size is 1")])
+        self._reject(gpu_rank_problems(self.gpus_per_replica, self.tensor_parallel_size,
+                                       "engine.tensor_parallel_size"))
         return self
 
 
