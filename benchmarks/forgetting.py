@@ -2,15 +2,27 @@
 
     nice -n 10 .venv/bin/python benchmarks/forgetting.py --shared-data ../shared/data > /tmp/forgetting.log 2>&1
     .venv/bin/python benchmarks/forgetting.py --eval-only --eval-data-dir /other/eval --tag heldout   # re-score
+    .venv/bin/python benchmarks/forgetting.py --seeds 0 1 2 --arms domain tg_balance   # more training seeds
 
-Arms, all with the same domain budget (the same Code Alpaca examples and epochs):
+Arms, all with the same domain data (the same Code Alpaca examples; the same epochs unless said otherwise):
 
 - ``base``: SmolLM2-135M-Instruct, no training;
 - ``domain``: domain SFT only;
 - ``tg_balance`` / ``tg_wide``: domain + a TG corpus the model wrote itself (Balance-Tree / Wide-Tree shapes);
 - ``replay_gsm8k``: domain + the same number of extra tokens of GSM8K train Q/A dialogues (human-written, not
   self-generated, and not evaluated): separates "TG preserved knowledge" from "any extra, non-domain training
-  helps" (e.g. by healing the 4-bit quantization noise of the embedded model, FINDINGS.md #2).
+  helps" (e.g. by healing the 4-bit quantization noise of the embedded model, FINDINGS.md #2);
+- ``replay_lima``: domain + the same extra-token share of human-written LIMA conversations
+  (``<shared-data>/sft/lima/lima_data.jsonl``; a trailing user turn is dropped so every dialogue ends with the
+  assistant). ``--lima-heldout`` rows (a seed-0 choice) are never replayed: every arm's NLL on them is
+  ``lima_heldout_nll``. Without the file the arm and the metric are skipped, unless ``--arms`` names the arm (error);
+- ``domain_lora``: domain only, LoRA (r 16, alpha 32, dropout 0.05, the default target modules) at the same lr as
+  every arm unless ``--lora-lr`` is given; the merged export is served like the others;
+- ``domain_equal_steps``: domain only, as many optimizer steps as ``tg_balance`` of the same seed took (its train
+  manifest's ``steps`` as ``train.max_steps``, with enough epochs to reach it); trains tg_balance first if needed.
+
+``--seeds`` trains every arm once per seed (``train.seed`` and ``mix.seed``): seed 0 keeps the arm's name and folder,
+seed s is ``<arm>@s<s>`` in ``arms/<arm>-s<s>/`` (also its served model id); ``base`` is never re-seeded.
 
 Stages are the project's own: ``pipeline.generate`` (one corpus per tree shape, shared by arms and by the retention
 probe), ``pipeline.train`` (Ray Train + DeepSpeed), ``pipeline.serve`` + ``pipeline.evaluate`` (Ray Serve LLM + lm-eval
@@ -18,7 +30,10 @@ on the offline mirrors, the domain task and the retention probe). The general ta
 (default ``<shared-data>/eval``), so other splits in the same upstream formats are scored without code changes.
 
 Extra measurements beside ``evaluate``: the domain NLL (mean NLL per assistant token of held-out Code Alpaca
-examples, the retention probe's code on domain dialogues) and the retention probe on the Wide-Tree corpus too.
+examples, the retention probe's code on domain dialogues), the same NLL on the LIMA held-out rows, and the
+retention probe on the Wide-Tree corpus too. The summary adds, per arm against ``base`` and against ``domain`` (the
+same seed's when scored), paired differences on the same items for each task's acc and acc_norm and their mean over
+tasks (95 % paired bootstrap intervals, ``pipeline.stats``), and min / max / mean over seeds of re-seeded arms.
 
 Everything is written under ``--work-dir`` (default /tmp/tgsft-forgetting): ``data/``, ``corpus_<preset>/``,
 ``arms/<arm>/train/model`` and ``arms/<arm>/result-<tag>.json``. Each step is skipped when its output exists, so a
@@ -47,8 +62,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONFIG = Path(__file__).resolve().parent / "forgetting" / "forgetting.yaml"
-ARMS = ["base", "domain", "tg_balance", "replay_gsm8k", "tg_wide"]  # in run order: cheapest answers first
-CORPUS_OF = {"tg_balance": "corpus_balance", "tg_wide": "corpus_wide", "replay_gsm8k": "corpus_replay_gsm8k"}
+# in run order: cheapest answers first; domain_equal_steps needs tg_balance's step count
+ARMS = ["base", "domain", "tg_balance", "replay_gsm8k", "tg_wide", "replay_lima", "domain_lora", "domain_equal_steps"]
+CORPUS_OF = {"tg_balance": "corpus_balance", "tg_wide": "corpus_wide", "replay_gsm8k": "corpus_replay_gsm8k",
+             "replay_lima": "corpus_replay_lima"}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # default target modules (pipeline.sections.LoraConfig)
+LIMA_FILE = Path("sft") / "lima" / "lima_data.jsonl"
+LIMA_SPLIT_SEED = 0
+PAIRED_METRICS = ("acc", "acc_norm")
+BOOTSTRAP_ITERS = 2000
 # Both shapes get the same generation budget, 6r nodes: balance r + r + 2r + 2r (2r dialogues), wide 4 x 1.5r
 # (1.5r dialogues, each with its own opening question).
 PRESETS = {"balance": lambda r: [r, 1, 2, 1], "wide": lambda r: [3 * r // 2, 1, 1, 1]}
@@ -106,24 +128,140 @@ def prepare_replay(shared: Path, work: Path, *, n: int, seed: int = 0) -> Path:
     return out
 
 
+def lima_dialogues(path: Path) -> list[dict]:
+    """LIMA rows as ``{"dialogue_id": "lima-<line>", "messages"}``: strings alternate user and assistant, starting
+    with the user; a trailing user string is dropped so every dialogue ends with an assistant turn. Rows with an
+    empty string or no assistant turn are left out."""
+    rows = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        turns = json.loads(line)["conversations"]
+        turns = turns[: len(turns) // 2 * 2]
+        if not turns or any(not isinstance(t, str) or not t.strip() for t in turns):
+            continue
+        messages = [{"role": ("user", "assistant")[i % 2], "content": t.strip()} for i, t in enumerate(turns)]
+        rows.append({"dialogue_id": f"lima-{line_no:04d}", "messages": messages})
+    return rows
+
+
+def split_lima(rows: list[dict], *, n_heldout: int, seed: int = LIMA_SPLIT_SEED) -> tuple[list[dict], list[dict]]:
+    """(held-out, replay): a seeded shuffle's first ``n_heldout`` rows and the rest, disjoint, both in file order."""
+    if n_heldout >= len(rows):
+        raise ValueError(f"LIMA has {len(rows)} usable rows; --lima-heldout {n_heldout} leaves none for replay")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_heldout])
+    return [r for i, r in enumerate(rows) if i in held], [r for i, r in enumerate(rows) if i not in held]
+
+
+def lima_corpus(args) -> Path:
+    """The LIMA replay corpus folder; its name carries the held-out size, so another split never reuses it."""
+    return args.work_dir / f"{CORPUS_OF['replay_lima']}_h{args.lima_heldout}"
+
+
+def prepare_lima(args) -> Path:
+    """LIMA's replay rows in the TG corpus layout (like :func:`prepare_replay`) and its held-out rows as a dialogue
+    JSONL file for the NLL probe; returns the held-out file."""
+    import pyarrow as pa
+
+    from pipeline.corpus import DIALOGUE_SCHEMA, write_table
+
+    heldout, replay = split_lima(lima_dialogues(args.lima_file), n_heldout=args.lima_heldout)
+    path = args.work_dir / "data" / f"lima_heldout{args.lima_heldout}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in heldout), encoding="utf-8")
+    out = lima_corpus(args)
+    if not (out / "dialogues").is_dir():
+        rows = [{**r, "text": None, "node_ids": [], "n_turns": len(r["messages"]) // 2, "n_tokens": 0,
+                 "tree": "lima"} for r in replay]
+        write_table(pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA), out / "dialogues", shard_rows=100_000)
+    log(f"LIMA: {len(heldout)} held-out rows -> {path}, {len(replay)} replay rows in {out}")
+    return path
+
+
+# ----------------------------------------------------------------------------- arms and seeds
+
+
+def arm_label(arm: str, seed: int) -> str:
+    """Seed 0 (and ``base``, never re-seeded) keeps the arm's name; other seeds are ``<arm>@s<seed>``."""
+    return arm if seed == 0 or arm == "base" else f"{arm}@s{seed}"
+
+
+def parse_label(label: str) -> tuple[str, int]:
+    """``(arm, seed)`` of a label from :func:`arm_label`."""
+    arm, _, seed = label.partition("@s")
+    return arm, int(seed or 0)
+
+
+def run_name(label: str) -> str:
+    """Folder, run name and served model id of a label (``[A-Za-z0-9_.-]``): ``domain@s1`` -> ``domain-s1``."""
+    return label.replace("@s", "-s")
+
+
+def arm_labels(arms: list[str], seeds: list[int]) -> list[str]:
+    """Every arm once per seed, seed by seed; ``base`` only once."""
+    labels = [arm_label(a, s) for s in seeds for a in arms]
+    return list(dict.fromkeys(labels))
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """Training and mix seeds of a re-seeded arm (none for seed 0, which keeps the config's own)."""
+    return [] if seed == 0 else [f"train.seed={seed}", f"mix.seed={seed}"]
+
+
+def equal_steps_overrides(manifest: dict) -> list[str]:
+    """``train.max_steps`` = the steps of a TG arm's train ``manifest``, with enough epochs of the domain data
+    alone to reach them: the TG arm's epochs scaled by 1 / (1 - its extra-token share), plus one."""
+    steps = manifest.get("steps")
+    if not steps:
+        raise ValueError("the tg_balance train manifest has no step count")
+    mix = manifest.get("mix") or {}
+    share = mix.get("tg_share_tokens", mix.get("tg_share_examples")) or 0.0
+    epochs = (manifest.get("train") or {}).get("epochs") or 1
+    return [f"train.max_steps={steps}", f"train.epochs={math.ceil(epochs / (1 - share)) + 1}"]
+
+
+def arm_dir(args, label: str) -> Path:
+    return args.work_dir / "arms" / run_name(label)
+
+
+def tg_balance_manifest(args, seed: int) -> Path:
+    return arm_dir(args, arm_label("tg_balance", seed)) / "train" / "manifest.json"
+
+
 # ----------------------------------------------------------------------------- configs
 
 
-def arm_config(args, arm: str, *, train_file: Path, heldout_file: Path, port: int = 8000):
+def arm_config(args, label: str, *, train_file: Path, heldout_file: Path, port: int = 8000):
     from pipeline.config import load_config
 
+    arm, seed = parse_label(label)
     overrides = [
-        f"name={arm}", f"output_root={args.work_dir / 'arms'}",
+        f"name={run_name(label)}", f"output_root={args.work_dir / 'arms'}",
         f"data.train={json.dumps([str(train_file)])}", f"data.eval={json.dumps([str(heldout_file)])}",
         f"eval.data_dir={args.eval_data_dir}", f"eval.tasks={json.dumps(args.tasks)}", f"serve.port={port}",
     ]
     if args.limit:
         overrides.append(f"eval.limit={args.limit}")
-    if arm in CORPUS_OF:
+    if arm == "replay_lima":
+        overrides.append(f"mix.tg_corpus={lima_corpus(args)}")
+    elif arm in CORPUS_OF:
         overrides.append(f"mix.tg_corpus={args.work_dir / CORPUS_OF[arm]}")
     else:
         overrides.append("mix.tg_ratio=0")
-    return load_config(args.config, overrides=overrides + list(args.set))
+    overrides += seed_overrides(seed) + list(args.set)
+    if arm == "domain_lora":
+        overrides.append(f"train.lora={json.dumps(LORA)}")
+        if args.lora_lr is not None:
+            overrides.append(f"train.lr={args.lora_lr}")
+    if arm == "domain_equal_steps":
+        manifest = tg_balance_manifest(args, seed)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{label}: needs the step count of {arm_label('tg_balance', seed)}, whose train "
+                                    f"manifest {manifest} does not exist (train that arm first)")
+        overrides += equal_steps_overrides(json.loads(manifest.read_text()))
+    return load_config(args.config, overrides=overrides)
 
 
 def corpus_config(args, preset: str):
@@ -148,40 +286,52 @@ def make_corpus(args, preset: str) -> Path:
     return out
 
 
-def run_train(args, arm: str, files: tuple[Path, Path]) -> Path:
+def run_train(args, label: str, files: tuple[Path, Path]) -> Path:
     from pipeline.model import resolve_model
     from pipeline.train import train
 
-    if arm == "base":
-        cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
+    if label == "base":
+        cfg = arm_config(args, label, train_file=files[0], heldout_file=files[1])
         return Path(resolve_model(cfg.model, log=log))
-    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
+    arm, seed = parse_label(label)
+    if arm == "domain_equal_steps" and not tg_balance_manifest(args, seed).is_file():
+        log(f"{label}: training {arm_label('tg_balance', seed)} first, for its step count")
+        if "balance" in args.presets:
+            make_corpus(args, "balance")
+        run_train(args, arm_label("tg_balance", seed), files)
+    cfg = arm_config(args, label, train_file=files[0], heldout_file=files[1])
     t0 = time.monotonic()
     model = train(cfg, corpus_dir=Path(cfg.mix.tg_corpus) if cfg.mix.tg_corpus else None, log=log)
-    log(f"{arm}: model {model} ({time.monotonic() - t0:.0f} s)")
+    log(f"{label}: model {model} ({time.monotonic() - t0:.0f} s)")
     return model
 
 
-def _stored_result(args, arm: str) -> dict | None:
+def _stored_result(args, label: str) -> dict | None:
     """The arm's result of an earlier scoring with the same eval settings, if any (and not ``--force-eval``)."""
-    out = args.work_dir / "arms" / arm / f"result-{args.tag}.json"
+    out = arm_dir(args, label) / f"result-{args.tag}.json"
     if not out.is_file() or args.force_eval:
         return None
     stored = json.loads(out.read_text())
     ev = stored.get("eval_config", {})
+    if args.lima_file and "lima_heldout_nll" not in stored:
+        log(f"{label}: {out} has no lima_heldout_nll; scoring again")
+        return None
     if ev.get("limit") == args.limit and ev.get("tasks") == args.tasks and ev.get("data_dir") == str(args.eval_data_dir):
-        log(f"{arm}: reusing {out}")
+        log(f"{label}: reusing {out}")
         return stored
-    log(f"{arm}: {out} was scored with other eval settings; scoring again")
+    log(f"{label}: {out} was scored with other eval settings; scoring again")
     return None
 
 
-def _score(args, arm: str, model: Path, files: tuple[Path, Path], url: str) -> dict:
-    """``pipeline.evaluate`` plus the domain NLL and the Wide-Tree retention probe of one served arm."""
+def _score(args, label: str, model: Path, files: tuple[Path, Path], url: str) -> dict:
+    """``pipeline.evaluate`` plus the domain NLL, the LIMA held-out NLL and the Wide-Tree retention probe of one
+    served arm (served as :func:`run_name` of its label)."""
     from pipeline.data import load_examples
     from pipeline.evaluate import _heldout_dialogues, evaluate, retention_probe
+    from pipeline.probes import load_reference_text
 
-    cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
+    arm = run_name(label)
+    cfg = arm_config(args, label, train_file=files[0], heldout_file=files[1])
     domain_rows = [{"dialogue_id": f"heldout-{i:04d}", "messages": m}
                    for i, m in enumerate(load_examples([files[1]], fmt="auto").examples)]
     probes = {name: args.work_dir / f"corpus_{name}" for name in PRESETS}
@@ -194,17 +344,19 @@ def _score(args, arm: str, model: Path, files: tuple[Path, Path], url: str) -> d
                                max_len=cfg.model.max_model_len, num_concurrent=cfg.eval.num_concurrent)
 
     result["domain_nll"] = probe(domain_rows)
+    if args.lima_heldout_file:
+        result["lima_heldout_nll"] = probe(load_reference_text(args.lima_heldout_file))
     if (probes["wide"] / "dialogues").is_dir():
         result["retention_wide"] = probe(_heldout_dialogues(probes["wide"], cfg.eval.retention_dialogues))
     result["eval_seconds_total"] = round(time.monotonic() - t0, 1)
     manifest = cfg.run_dir / "train" / "manifest.json"
-    if arm != "base" and manifest.is_file():
+    if label != "base" and manifest.is_file():
         m = json.loads(manifest.read_text())
         result["train"] = {k: m.get(k) for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss",
                                                  "train_seconds", "mix", "tokenization", "train")}
-    out = args.work_dir / "arms" / arm / f"result-{args.tag}.json"
+    out = arm_dir(args, label) / f"result-{args.tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"{arm}: eval done in {result['eval_seconds_total']:.0f} s -> {out}")
+    log(f"{label}: eval done in {result['eval_seconds_total']:.0f} s -> {out}")
     return result
 
 
@@ -224,16 +376,17 @@ def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> 
             results[arm] = stored
     names = list(todo)
     for i in range(0, len(names), args.serve_group):
-        group = {arm: str(todo[arm]) for arm in names[i:i + args.serve_group]}
+        labels = names[i:i + args.serve_group]
+        group = {run_name(label): str(todo[label]) for label in labels}
         cfg = arm_config(args, names[i], train_file=files[0], heldout_file=files[1], port=free_port())
         t0 = time.monotonic()
         with serving(cfg, group) as url:
-            log(f"{', '.join(group)}: serving at {url} ({time.monotonic() - t0:.0f} s)")
-            for arm in group:
+            log(f"{', '.join(labels)}: serving at {url} ({time.monotonic() - t0:.0f} s)")
+            for label in labels:
                 try:
-                    results[arm] = _score(args, arm, todo[arm], files, url)
+                    results[label] = _score(args, label, todo[label], files, url)
                 except Exception as e:  # one arm's failed eval must not lose the others
-                    log(f"{arm}: eval FAILED: {type(e).__name__}: {e}")
+                    log(f"{label}: eval FAILED: {type(e).__name__}: {e}")
                     continue
                 done(results)
     return results
@@ -248,8 +401,65 @@ def _m(value: float | None, se: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{value:.{digits}f}"
 
 
+def _task_items(result: dict, task: str, metric: str) -> tuple[list, list] | None:
+    items = result.get("tasks", {}).get(task, {}).get("items") or {}
+    return (items["ids"], items[metric]) if metric in items and "ids" in items else None
+
+
+def paired_vs(results: dict[str, dict], label: str, ref: str, *, tasks: list[str]) -> dict:
+    """``label`` minus ``ref`` on the same items: per task and metric (acc, acc_norm) the mean difference with its
+    paired standard error and 95 % paired bootstrap interval (:func:`pipeline.stats.paired_diff`), and per metric
+    the mean of the differences over the tasks that report it (winogrande has no acc_norm), whose interval resamples
+    every task's items in each bootstrap draw."""
+    import numpy as np
+
+    from pipeline.stats import align, paired_diff
+
+    out: dict = {"reference": ref, "tasks": {}, "mean": {}}
+    for metric in PAIRED_METRICS:
+        diffs, scored = [], []
+        for task in tasks:
+            a, b = _task_items(results[ref], task, metric), _task_items(results[label], task, metric)
+            if not a or not b:
+                continue
+            _, x, y = align(a[0], a[1], b[0], b[1])
+            if not x.size:
+                continue
+            out["tasks"].setdefault(task, {})[metric] = paired_diff(x, y, iters=BOOTSTRAP_ITERS, seed=0)
+            diffs.append(y - x)
+            scored.append(task)
+        if diffs:
+            rng = np.random.default_rng(0)
+            boot = np.mean([d[rng.integers(0, d.size, size=(BOOTSTRAP_ITERS, d.size))].mean(axis=1) for d in diffs],
+                           axis=0)
+            lo, hi = np.quantile(boot, [0.025, 0.975])
+            out["mean"][metric] = {"delta": float(np.mean([d.mean() for d in diffs])), "ci95": [float(lo), float(hi)],
+                                   "tasks": scored, "n": int(sum(d.size for d in diffs))}
+    return out
+
+
+def seed_spread(arms: dict[str, dict]) -> dict[str, dict]:
+    """Per arm trained with more than one seed: min / max / mean over its seeds of the mean accuracy and the NLLs."""
+    by_arm: dict[str, list[str]] = {}
+    for label in arms:
+        by_arm.setdefault(parse_label(label)[0], []).append(label)
+    out = {}
+    for arm, labels in by_arm.items():
+        if len(labels) < 2:
+            continue
+        row: dict = {"seeds": [parse_label(lb)[1] for lb in labels]}
+        for key in ("mean_acc", "domain_nll", "lima_heldout_nll"):
+            vals = [arms[lb][key]["value"] for lb in labels if arms[lb].get(key)]
+            if len(vals) == len(labels):
+                row[key] = {"min": min(vals), "max": max(vals), "mean": sum(vals) / len(vals)}
+        out[arm] = row
+    return out
+
+
 def summarize(results: dict[str, dict], *, tasks: list[str]) -> dict:
-    """Per arm: acc ± stderr per task, the task mean, domain metrics and probes; deltas against base and domain."""
+    """Per arm: acc ± stderr per task, the task mean, domain metrics and probes; deltas against base and domain
+    (independent-sample bound) and paired differences on the same items (``paired_vs_base``, ``paired_vs_domain``:
+    the same-seed domain arm when it was scored)."""
     arms = {}
     for arm, r in results.items():
         row: dict = {"tasks": {}}
@@ -271,6 +481,8 @@ def summarize(results: dict[str, dict], *, tasks: list[str]) -> dict:
             row["retention_nll_balance"] = r["retention"]["metrics"]["nll"]
         if "retention_wide" in r:
             row["retention_nll_wide"] = r["retention_wide"]["metrics"]["nll"]
+        if "lima_heldout_nll" in r:
+            row["lima_heldout_nll"] = r["lima_heldout_nll"]["metrics"]["nll"]
         if "train" in r:
             t = r["train"]
             row["train"] = {"steps": t.get("steps"), "tokens": t.get("tokens"), "final_loss": t.get("final_loss"),
@@ -288,7 +500,39 @@ def summarize(results: dict[str, dict], *, tasks: list[str]) -> dict:
                 row[f"mean_acc_delta_vs_{ref}"] = {
                     "value": row["mean_acc"]["value"] - b["value"],
                     "stderr": math.hypot(row["mean_acc"]["stderr"], b["stderr"])}  # independent-sample bound
+    for label in arms:
+        seed = parse_label(label)[1]
+        for key, ref in (("base", "base"), ("domain", arm_label("domain", seed))):
+            ref = ref if ref in results else key
+            if ref in results and ref != label and label != key:
+                arms[label][f"paired_vs_{key}"] = paired_vs(results, label, ref, tasks=tasks)
     return arms
+
+
+def _ci(d: dict | None) -> str:
+    if not d:
+        return "–"
+    return f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+
+def _study_lines(arms: dict[str, dict], order: list[str], spread: dict[str, dict]) -> list[str]:
+    """Markdown: paired mean-over-tasks differences against base and domain, and the seed spread."""
+    lines = ["", "Paired differences on the same items, mean over tasks (95 % paired bootstrap CI):", "",
+             "| arm | " + " | ".join(f"{m} vs {ref}" for ref in ("base", "domain") for m in PAIRED_METRICS) + " |",
+             "|---|" + "---|" * 2 * len(PAIRED_METRICS)]
+    for a in order:
+        cells = [_ci(arms[a].get(f"paired_vs_{ref}", {}).get("mean", {}).get(m))
+                 for ref in ("base", "domain") for m in PAIRED_METRICS]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if spread:
+        lines += ["", "Seed spread (min / max / mean over seeds):", "",
+                  "| arm | seeds | mean acc | domain NLL | LIMA held-out NLL |", "|---|---|---|---|---|"]
+        for arm, row in spread.items():
+            cells = [" / ".join(f"{row[k][s]:.3f}" for s in ("min", "max", "mean")) if k in row else "–"
+                     for k in ("mean_acc", "domain_nll", "lima_heldout_nll")]
+            lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_outputs(args, results: dict[str, dict], setup: dict) -> None:
@@ -297,15 +541,16 @@ def write_outputs(args, results: dict[str, dict], setup: dict) -> None:
     RESULTS = args.results_dir or RESULTS
     tasks = args.tasks
     arms = summarize(results, tasks=tasks)
-    missing = [a for a in args.arms if a not in results]
+    spread = seed_spread(arms)
+    missing = [a for a in args.labels if a not in results]
     status = "complete" if not missing else f"partial (missing arms: {', '.join(missing)})"
     name = args.name
-    data = {"status": status, "setup": setup, "arms": arms, "machine": machine(),
+    data = {"status": status, "setup": setup, "arms": arms, "seed_spread": spread, "machine": machine(),
             "eval_data_dir": str(args.eval_data_dir), "tag": args.tag}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
-    order = [a for a in args.arms if a in arms]
+    order = [a for a in args.labels if a in arms]
     short = {t: t.removeprefix("tgsft_") for t in tasks}
     lines = [f"# Forgetting experiment ({status})", "",
              f"Eval data: `{args.eval_data_dir}` (tag `{args.tag}`), {args.limit or 'all'} items per task, 0-shot acc "
@@ -321,7 +566,8 @@ def write_outputs(args, results: dict[str, dict], setup: dict) -> None:
                        ("domain_nll", f"domain NLL ({n_nll} held-out Code Alpaca)"),
                        ("domain_token_f1", f"domain token F1 (greedy, {n_domain} items)"),
                        ("retention_nll_balance", "retention NLL (balance-tree held-out)"),
-                       ("retention_nll_wide", "retention NLL (wide-tree held-out)")]:
+                       ("retention_nll_wide", "retention NLL (wide-tree held-out)"),
+                       ("lima_heldout_nll", f"LIMA held-out NLL ({args.lima_heldout} dialogues)")]:
         lines.append(f"| {label} | " + " | ".join(_m(*_vs(arms[a].get(key))) for a in order) + " |")
     lines += ["", "| arm | steps | tokens | final loss | train s | domain ex. | extra ex. | extra token share |",
               "|---|---|---|---|---|---|---|---|"]
@@ -331,6 +577,7 @@ def write_outputs(args, results: dict[str, dict], setup: dict) -> None:
             lines.append(f"| {a} | {t['steps']} | {t['tokens']} | {(t['final_loss'] or 0):.3f} | "
                          f"{(t['train_seconds'] or 0):.0f} | {t['domain_examples']} | {t['extra_examples']} | "
                          f"{(t['extra_token_share'] or 0):.2f} |")
+    lines += _study_lines(arms, order, spread)
     lines += ["", "Setup: `" + json.dumps(setup) + "`", ""]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     _plot(arms, order, tasks, short, RESULTS / f"{name}.png", title=f"Forgetting experiment ({status})")
@@ -359,7 +606,7 @@ def _plot(arms: dict, order: list[str], tasks: list[str], short: dict, path: Pat
     ax1.legend(fontsize=8)
     ax1.set_title("general tasks")
     keys = [("domain_nll", "domain NLL"), ("retention_nll_balance", "ret. NLL bal."),
-            ("retention_nll_wide", "ret. NLL wide")]
+            ("retention_nll_wide", "ret. NLL wide"), ("lima_heldout_nll", "LIMA NLL")]
     for i, a in enumerate(order):
         vals = [_vs(arms[a].get(k)) for k, _ in keys]
         xs = [j + i * width for j in range(len(keys))]
@@ -385,12 +632,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="names this scoring (result-<tag>.json); default 'dev' or the dir name")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/tgsft-forgetting"))
     p.add_argument("--config", type=Path, default=CONFIG)
-    p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    p.add_argument("--arms", nargs="+", default=None, choices=ARMS,
+                   help="arms to run (default: all; replay_lima is skipped when the LIMA file is absent)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="training seeds (train.seed and mix.seed): seed 0 keeps the arm names, others are "
+                   "<arm>@s<seed> in arms/<arm>-s<seed>/; base is never re-seeded")
     p.add_argument("--tasks", nargs="+", default=TASKS)
     p.add_argument("--limit", type=int, default=None, help="items per task (default: the config's eval.limit)")
     p.add_argument("--domain-train", type=int, default=120, help="Code Alpaca training examples")
     p.add_argument("--domain-heldout", type=int, default=200, help="held-out Code Alpaca examples (domain metrics)")
     p.add_argument("--replay-rows", type=int, default=400, help="GSM8K dialogues in the replay corpus")
+    p.add_argument("--lima-heldout", type=int, default=100,
+                   help="LIMA dialogues held out (seeded choice, never replayed) for every arm's lima_heldout_nll")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help="learning rate of domain_lora (default: train.lr, the same as every other arm)")
     p.add_argument("--roots", type=int, default=48,
                    help="first-layer width r: balance [r,1,2,1], wide [1.5r,1,1,1] (the same node budget)")
     p.add_argument("--set", action="append", default=[], help="config override for every arm, key.path=value")
@@ -413,11 +668,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tag = args.tag or ("dev" if default_eval else args.eval_data_dir.name)
     args.name = args.name or ("forgetting" if args.tag == "dev" else f"forgetting_{args.tag}")
     args.work_dir = args.work_dir.resolve()
+    _resolve_lima(args)
+    args.labels = arm_labels(args.arms, args.seeds)
     if args.limit is None:
         from pipeline.config import load_config
 
         args.limit = load_config(args.config).eval.limit
     return args
+
+
+def _resolve_lima(args: argparse.Namespace) -> None:
+    """Set ``args.arms`` and ``args.lima_file`` (None when the LIMA file is absent: the arm and its metric are skipped).
+
+    Raises:
+        SystemExit: replay_lima was asked for in ``--arms`` and the file is absent.
+    """
+    explicit = args.arms is not None
+    args.arms = list(args.arms or ARMS)
+    path = args.shared_data / LIMA_FILE
+    args.lima_file = path if path.is_file() else None
+    args.lima_heldout_file = None
+    if args.lima_file:
+        return
+    if explicit and "replay_lima" in args.arms:
+        raise SystemExit(f"replay_lima: the LIMA file {path} does not exist")
+    skipped = "arm replay_lima and metric lima_heldout_nll" if "replay_lima" in args.arms else "lima_heldout_nll"
+    args.arms = [a for a in args.arms if a != "replay_lima"]
+    log(f"LIMA: {path} not found; {skipped} skipped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,13 +704,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     files = prepare_domain(args.shared_data, args.work_dir, n_train=args.domain_train, n_heldout=args.domain_heldout)
+    if args.lima_file:
+        args.lima_heldout_file = prepare_lima(args)
     setup = {"domain_train": args.domain_train, "domain_heldout": args.domain_heldout, "roots": args.roots,
              "replay_rows": args.replay_rows, "limit": args.limit, "tasks": args.tasks, "overrides": args.set,
+             "seeds": args.seeds, "lima_heldout": args.lima_heldout if args.lima_file else None,
+             "lora": LORA, "lora_lr": args.lora_lr,
              "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
              "train": arm_config(args, "domain", train_file=files[0], heldout_file=files[1]).train.model_dump(
                  mode="json")}
     if args.summary_only:
-        stored = {arm: args.work_dir / "arms" / arm / f"result-{args.tag}.json" for arm in args.arms}
+        stored = {label: arm_dir(args, label) / f"result-{args.tag}.json" for label in args.labels}
         write_outputs(args, {a: json.loads(p.read_text()) for a, p in stored.items() if p.is_file()}, setup)
         return 0
     init_ray()  # one local Ray for every stage, so serving() does not stop it between arms
@@ -446,16 +727,16 @@ def main(argv: list[str] | None = None) -> int:
             prepare_replay(args.shared_data, args.work_dir, n=args.replay_rows)
 
     models: dict[str, Path] = {}
-    for arm in args.arms:
-        model = args.work_dir / "arms" / arm / "train" / "model"
-        if arm == "base" or not args.eval_only:
-            if arm == "tg_wide" and "wide" in args.presets:
+    for label in args.labels:
+        model = arm_dir(args, label) / "train" / "model"
+        if label == "base" or not args.eval_only:
+            if parse_label(label)[0] == "tg_wide" and "wide" in args.presets:
                 make_corpus(args, "wide")
-            model = run_train(args, arm, files)
+            model = run_train(args, label, files)
         elif not (model / "config.json").is_file():
-            log(f"{arm}: no trained model at {model}; skipped (--eval-only)")
+            log(f"{label}: no trained model at {model}; skipped (--eval-only)")
             continue
-        models[arm] = model
+        models[label] = model
     if not args.train_only:
         # after every arm, so a partial run still leaves a summary
         results = run_evals(args, models, files, done=lambda r: write_outputs(args, r, setup))
