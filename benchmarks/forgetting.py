@@ -11,7 +11,7 @@ Arms, all with the same domain data (the same Code Alpaca examples; the same epo
 - ``tg_balance`` / ``tg_wide``: domain + a TG corpus the model wrote itself (Balance-Tree / Wide-Tree shapes);
 - ``replay_gsm8k``: domain + the same number of extra tokens of GSM8K train Q/A dialogues (human-written, not
   self-generated, and not evaluated): separates "TG preserved knowledge" from "any extra, non-domain training
-  helps" (e.g. by healing the 4-bit quantization noise of the embedded model, FINDINGS.md #2);
+  helps" (e.g. by healing the 4-bit quantization noise of the embedded model);
 - ``replay_lima``: domain + the same extra-token share of human-written LIMA conversations
   (``<shared-data>/sft/lima/lima_data.jsonl``; a trailing user turn is dropped so every dialogue ends with the
   assistant). ``--lima-heldout`` rows (a seed-0 choice) are never replayed: every arm's NLL on them is
