@@ -76,7 +76,8 @@ def cpu_engine_env(reserved_cpus: int | None) -> dict[str, str]:
     """Environment of a vLLM CPU engine: how many of this host's cores it keeps off its OpenMP compute threads.
 
     vLLM binds its compute threads to the host's cores minus one reserved for its scheduler process. On a 2-core
-    host that computes on one core: measured there, reserving none decodes 1.5x and scores prompts 1.7x faster.
+    host that computes on one core: reserving none decodes 1.5x and scores prompts 1.8x faster there
+    (benchmarks/bench_engine_threads.py).
     ``None`` reserves none on hosts with at most 8 CPUs and keeps vLLM's default above.
     """
     if reserved_cpus is None and len(os.sched_getaffinity(0)) > 8:

@@ -168,7 +168,11 @@ def with_chat_template(folder: str, template: Path, *, cache: str | None = None)
         settings.pop("chat_template", None)
         (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
         (tmp / "chat_template.jinja").write_text(text)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process made the same folder first
+            if not target.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
