@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipeline import chat, tree
 from pipeline.config import TGConfig
+from pipeline.resources import EMBEDDER_CPUS
 from pipeline.sections import DedupConfig
 
 __all__ = ["Prompting", "QuestionDedup", "generate_level"]
@@ -181,9 +182,8 @@ class QuestionDedup:
         from pipeline.model import embedder_path
 
         if self._actor is None and self._cfg.enabled:
-            self._actor = ray.remote(Embedder).options(num_cpus=1, max_restarts=-1, max_task_retries=3).remote(
-                embedder_path(self._cfg.embedder), batch_size=self._cfg.batch_size
-            )
+            actor = ray.remote(Embedder).options(num_cpus=EMBEDDER_CPUS, max_restarts=-1, max_task_retries=3)
+            self._actor = actor.remote(embedder_path(self._cfg.embedder), batch_size=self._cfg.batch_size)
 
     def apply(self, texts: list[str]) -> list[bool]:
         """Keep mask for this level's candidate questions; kept ones join the memory."""

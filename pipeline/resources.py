@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.compare import CONTROL_ID
 from pipeline.config import ServeConfig, TGConfig
 from pipeline.serve import required_cpus
 
 __all__ = ["EMBEDDER_CPUS", "count_params", "local_param_count", "resources", "train_memory"]
 
-EMBEDDER_CPUS = 1.0  # the question-dedup embedder actor (pipeline.levels.QuestionDedup.start)
+EMBEDDER_CPUS = 1.0  # what the question-dedup embedder actor reserves (pipeline.levels.QuestionDedup)
 
 
 def count_params(hf_config: dict[str, Any]) -> int | None:
@@ -79,7 +80,7 @@ def _stage(name: str, count: int, cpus: float, gpus: float, note: str = "") -> d
 
 def _serve_models(cfg: TGConfig) -> int:
     """Models a run serves: base and tuned, and the domain-only control when ``run.control`` asks for it."""
-    return 3 if cfg.run.control == "domain_only" else 2
+    return 3 if cfg.run.control == CONTROL_ID else 2
 
 
 def _serve_stage(cfg: TGConfig) -> dict[str, Any]:
