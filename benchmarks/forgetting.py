@@ -70,6 +70,9 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # default target modules (pipeli
 LIMA_FILE = Path("sft") / "lima" / "lima_data.jsonl"
 LIMA_SPLIT_SEED = 0
 PAIRED_METRICS = ("acc", "acc_norm")
+# The pre-registered primary metric per task (benchmarks/STUDY.md): length-normalised where it is usually reported.
+PRIMARY_METRIC = {"tgsft_arc_easy": "acc_norm", "tgsft_arc_challenge": "acc_norm", "tgsft_piqa": "acc_norm",
+                  "tgsft_sciq": "acc", "tgsft_winogrande": "acc"}
 BOOTSTRAP_ITERS = 2000
 # Both shapes get the same generation budget, 6r nodes: balance r + r + 2r + 2r (2r dialogues), wide 4 x 1.5r
 # (1.5r dialogues, each with its own opening question).
@@ -86,12 +89,15 @@ def log(msg: str) -> None:
 
 def prepare_domain(shared: Path, work: Path, *, n_train: int, n_heldout: int, seed: int = 0) -> tuple[Path, Path]:
     """Code Alpaca 2k, shuffled with ``seed``: the first ``n_heldout`` rows are held out, the next ``n_train`` train.
+    Rows with an empty output (2 upstream; the loader rejects them) are left out after the shuffle, so every other
+    row keeps its place.
 
     Both files keep the upstream Alpaca format, so the stage's own loader converts them.
     """
     src = shared / "sft" / "code_alpaca" / "code_alpaca_2k.json"
     rows = json.loads(src.read_text(encoding="utf-8"))
     random.Random(seed).shuffle(rows)
+    rows = [r for r in rows if str(r.get("output", "")).strip()]
     if n_heldout + n_train > len(rows):
         raise ValueError(f"{src} has {len(rows)} rows; {n_heldout} held out + {n_train} train do not fit")
     out = work / "data"
@@ -410,14 +416,13 @@ def paired_vs(results: dict[str, dict], label: str, ref: str, *, tasks: list[str
     """``label`` minus ``ref`` on the same items: per task and metric (acc, acc_norm) the mean difference with its
     paired standard error and 95 % paired bootstrap interval (:func:`pipeline.stats.paired_diff`), and per metric
     the mean of the differences over the tasks that report it (winogrande has no acc_norm), whose interval resamples
-    every task's items in each bootstrap draw."""
-    import numpy as np
-
+    every task's items in each bootstrap draw. ``primary``: the same mean over tasks of each task's pre-registered
+    primary metric (PRIMARY_METRIC), the study's primary endpoint."""
     from pipeline.stats import align, paired_diff
 
     out: dict = {"reference": ref, "tasks": {}, "mean": {}}
+    diffs: dict[tuple[str, str], object] = {}
     for metric in PAIRED_METRICS:
-        diffs, scored = [], []
         for task in tasks:
             a, b = _task_items(results[ref], task, metric), _task_items(results[label], task, metric)
             if not a or not b:
@@ -426,16 +431,28 @@ def paired_vs(results: dict[str, dict], label: str, ref: str, *, tasks: list[str
             if not x.size:
                 continue
             out["tasks"].setdefault(task, {})[metric] = paired_diff(x, y, iters=BOOTSTRAP_ITERS, seed=0)
-            diffs.append(y - x)
-            scored.append(task)
-        if diffs:
-            rng = np.random.default_rng(0)
-            boot = np.mean([d[rng.integers(0, d.size, size=(BOOTSTRAP_ITERS, d.size))].mean(axis=1) for d in diffs],
-                           axis=0)
-            lo, hi = np.quantile(boot, [0.025, 0.975])
-            out["mean"][metric] = {"delta": float(np.mean([d.mean() for d in diffs])), "ci95": [float(lo), float(hi)],
-                                   "tasks": scored, "n": int(sum(d.size for d in diffs))}
+            diffs[task, metric] = y - x
+        if mean := _mean_over_tasks({t: d for (t, m), d in diffs.items() if m == metric}):
+            out["mean"][metric] = mean
+    primary = {t: diffs[t, m] for t in tasks if (m := PRIMARY_METRIC.get(t, "acc")) and (t, m) in diffs}
+    if mean := _mean_over_tasks(primary):
+        out["primary"] = {**mean, "metrics": {t: PRIMARY_METRIC.get(t, "acc") for t in primary}}
     return out
+
+
+def _mean_over_tasks(diffs: dict) -> dict | None:
+    """The mean over tasks of per-item paired differences (task -> array), with a 95 % bootstrap interval that
+    resamples every task's items in each draw."""
+    import numpy as np
+
+    if not diffs:
+        return None
+    rng = np.random.default_rng(0)
+    boot = np.mean([d[rng.integers(0, d.size, size=(BOOTSTRAP_ITERS, d.size))].mean(axis=1)
+                    for d in diffs.values()], axis=0)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"delta": float(np.mean([d.mean() for d in diffs.values()])), "ci95": [float(lo), float(hi)],
+            "tasks": list(diffs), "n": int(sum(d.size for d in diffs.values()))}
 
 
 def seed_spread(arms: dict[str, dict]) -> dict[str, dict]:
@@ -517,12 +534,14 @@ def _ci(d: dict | None) -> str:
 
 def _study_lines(arms: dict[str, dict], order: list[str], spread: dict[str, dict]) -> list[str]:
     """Markdown: paired mean-over-tasks differences against base and domain, and the seed spread."""
-    lines = ["", "Paired differences on the same items, mean over tasks (95 % paired bootstrap CI):", "",
-             "| arm | " + " | ".join(f"{m} vs {ref}" for ref in ("base", "domain") for m in PAIRED_METRICS) + " |",
-             "|---|" + "---|" * 2 * len(PAIRED_METRICS)]
+    cols = ("primary",) + PAIRED_METRICS
+    lines = ["", "Paired differences on the same items, mean over tasks (95 % paired bootstrap CI; primary: each "
+             "task's pre-registered metric):", "",
+             "| arm | " + " | ".join(f"{m} vs {ref}" for ref in ("base", "domain") for m in cols) + " |",
+             "|---|" + "---|" * 2 * len(cols)]
     for a in order:
-        cells = [_ci(arms[a].get(f"paired_vs_{ref}", {}).get("mean", {}).get(m))
-                 for ref in ("base", "domain") for m in PAIRED_METRICS]
+        cells = [_ci(p.get("primary") if m == "primary" else p.get("mean", {}).get(m))
+                 for ref in ("base", "domain") for m in cols for p in [arms[a].get(f"paired_vs_{ref}", {})]]
         if any(c != "–" for c in cells):
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if spread:

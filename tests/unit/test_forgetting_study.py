@@ -123,3 +123,38 @@ def test_paired_summary_and_seed_spread():
     assert spread["tg_balance"]["mean_acc"]["min"] == pytest.approx(0.75)
     lines = forgetting._study_lines(arms, list(arms), spread)
     assert any(line.startswith("| tg_balance | [0, 1] |") for line in lines)
+
+
+def test_primary_endpoint_takes_each_tasks_preregistered_metric():
+    """ARC-Easy's primary metric is acc_norm, WinoGrande's acc: the endpoint mixes them, item by item."""
+    arc, wino = "tgsft_arc_easy", "tgsft_winogrande"
+    base = {"tasks": {t: {"items": {"ids": [0, 1, 2, 3], "acc": [1.0] * 4, "acc_norm": [1.0] * 4}}
+                      for t in (arc, wino)}}
+    arm = {"tasks": {arc: {"items": {"ids": [0, 1, 2, 3], "acc": [1.0] * 4, "acc_norm": [0.0] * 4}},
+                     wino: {"items": {"ids": [0, 1, 2, 3], "acc": [1.0, 1.0, 0.0, 0.0], "acc_norm": [0.0] * 4}}}}
+    out = forgetting.paired_vs({"base": base, "arm": arm}, "arm", "base", tasks=[arc, wino])
+    primary = out["primary"]
+    assert primary["metrics"] == {arc: "acc_norm", wino: "acc"}
+    assert primary["delta"] == pytest.approx((-1.0 - 0.5) / 2) and primary["n"] == 8
+    lo, hi = primary["ci95"]
+    assert -1.0 <= lo <= primary["delta"] <= hi <= -0.5
+    assert out["mean"]["acc"]["delta"] == pytest.approx(-0.25)  # the per-metric means stay
+    assert "primary" not in forgetting.paired_vs({"base": base, "arm": {"tasks": {}}}, "arm", "base", tasks=[arc])
+
+
+def test_domain_split_leaves_out_empty_outputs_and_keeps_every_other_rows_place(tmp_path):
+    rows = [{"instruction": f"i{k}", "input": "", "output": "" if k in (3, 7) else f"o{k}"} for k in range(12)]
+    src = tmp_path / "shared" / "sft" / "code_alpaca"
+    src.mkdir(parents=True)
+    (src / "code_alpaca_2k.json").write_text(json.dumps(rows))
+    train, heldout = forgetting.prepare_domain(tmp_path / "shared", tmp_path / "w", n_train=6, n_heldout=4)
+    kept = [r for r in rows if r["output"]]
+    import random
+
+    order = rows[:]
+    random.Random(0).shuffle(order)
+    expected = [r for r in order if r["output"]]
+    assert json.loads(heldout.read_text()) + json.loads(train.read_text()) == expected[:10]
+    assert len(kept) == 10
+    with pytest.raises(ValueError, match="do not fit"):
+        forgetting.prepare_domain(tmp_path / "shared", tmp_path / "w", n_train=7, n_heldout=4)
