@@ -95,9 +95,12 @@ def start_engines(
     num_gpus: float,
     engine_kwargs: dict[str, Any],
     env: dict[str, str] | None = None,
+    resources: dict[str, float] | None = None,
     engine_cls: type = GenerationEngine,
 ) -> list:
     """Start ``replicas`` engine actors and wait until each has loaded its model.
+
+    ``resources``: extra (custom) Ray resources each actor reserves besides ``num_cpus`` and ``num_gpus``.
 
     Returns:
         Actor handles. Each restarts after a crash (``max_restarts=-1``) and its calls are retried.
@@ -105,7 +108,7 @@ def start_engines(
     import ray
 
     remote = ray.remote(engine_cls).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=3
+        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or {}, max_restarts=-1, max_task_retries=3
     )
     actors = [remote.remote(model, engine_kwargs=engine_kwargs, env=env) for _ in range(replicas)]
     ray.get([a.ready.remote() for a in actors])

@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-__all__ = ["ChatFormat", "Render", "answer_prompt", "probe", "question_prompt", "renderer", "root_messages"]
+__all__ = [
+    "ChatFormat", "Render", "TemplateRender", "answer_prompt", "probe", "question_prompt", "renderer", "root_messages",
+]
 
 Render = Callable[[Sequence[dict], bool], str]
 
@@ -43,17 +45,33 @@ class ChatFormat:
 
 
 def renderer(tokenizer, chat_template: str | None = None) -> Render:
-    """``render`` backed by ``tokenizer.apply_chat_template`` (text, not token ids)."""
+    """``render`` for a Hugging Face tokenizer's chat template (text, not token ids), as ``apply_chat_template``
+    renders it. The result is picklable and needs neither torch nor the tokenizer: Ray workers get it by value
+    instead of loading the tokenizer (seconds of CPU per process)."""
+    try:
+        template = tokenizer.get_chat_template(chat_template)
+    except ValueError as e:  # no template: fails when used, as apply_chat_template would
+        return TemplateRender(None, {}, error=str(e))
+    return TemplateRender(template, dict(tokenizer.special_tokens_map))
 
-    def render(messages: Sequence[dict], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            list(messages),
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template,
-        )
 
-    return render
+@dataclass(frozen=True)
+class TemplateRender:
+    """A chat template and the special tokens it sees, rendered by transformers' ``render_jinja_template`` (what
+    ``apply_chat_template`` calls with the same arguments)."""
+
+    template: str | None
+    special_tokens: dict
+    error: str | None = None
+
+    def __call__(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if self.template is None:
+            raise ValueError(self.error)
+        rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=self.template,
+                                            add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        return rendered[0]
 
 
 def _cut(text: str, sentinel: str) -> tuple[str, str]:

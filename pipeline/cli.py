@@ -155,6 +155,13 @@ def _show_config(cfg: TGConfig, *, resources: bool) -> None:
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
 
 
+def _check_storage(cfg: TGConfig) -> None:
+    """On a multi-node cluster, every node must see the run's shared folders (:mod:`pipeline.storage`)."""
+    from pipeline.storage import check_shared_storage
+
+    check_shared_storage(cfg, log=print)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipeline.config import ConfigError, load_config
@@ -186,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         cfg = load_config(args.config, overrides=args.overrides)
+        if args.command in ("generate", "train"):  # `tgsft run` checks once its Ray is up
+            _check_storage(cfg)
         if args.command == "config":
             _show_config(cfg, resources=args.resources)
         elif args.command == "generate":

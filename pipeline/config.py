@@ -31,6 +31,7 @@ from pipeline.sections import (
     EngineConfig,
     MixConfig,
     ModelConfig,
+    Resources,
     Section,
     TrainConfig,
     TreeConfig,
@@ -62,6 +63,10 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs per model replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica.")
+    resources: Resources = Field(
+        default_factory=dict, description="Extra Ray resources per model replica (its LLMServer actor and engine "
+        "share one placement-group bundle), e.g. {serve_pool: 1}: custom resources pin the replicas to such nodes."
+    )
     enforce_eager: bool = Field(True, description="See engine.enforce_eager.")
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: KV cache whole GiB per served model.")
     reserved_cpus: int | None = Field(None, ge=0, description="See engine.reserved_cpus.")

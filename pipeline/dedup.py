@@ -9,9 +9,11 @@ How it scales:
   against everything already kept, then a (block x block) product for the block itself, resolved in order.
   Flops are O(n * k * d) for k kept questions, memory O(block_size * k) floats; 100 k questions of 384-d take a few
   seconds on one core.
-- ``cluster`` (SemDeDup-style) first buckets all vectors with k-means (k = sqrt(n) by default) and runs the greedy
-  pass inside each bucket only, so cost falls to about O(n * (n / k) * d). Near-duplicates that straddle two buckets
-  can survive; that is the accepted trade-off for levels of millions.
+- ``cluster`` (SemDeDup-style) first buckets all vectors by their nearest k-means centroid (k = sqrt(n) by default,
+  fitted on at most ``sample_rows`` of them) and runs the greedy pass inside each bucket only, so cost falls to about
+  O(n * (n / k) * d). Near-duplicates that straddle two buckets can survive; that is the accepted trade-off for
+  levels of millions. :mod:`pipeline.levels` runs the same steps distributed: centroids in one task, buckets and the
+  per-bucket passes in Ray Data workers.
 
 Pure numpy (+ scikit-learn's k-means for ``cluster``); no Ray or torch.
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dedup_mask"]
+__all__ = ["SAMPLE_ROWS", "dedup_mask", "fit_centroids", "nearest_centroid"]
+
+SAMPLE_ROWS = 65_536  # at most this many embeddings fit the k-means centroids of the cluster method
 
 
 def _greedy(new: np.ndarray, prev: np.ndarray, threshold: float, block_size: int) -> np.ndarray:
@@ -52,6 +56,7 @@ def dedup_mask(
     block_size: int = 4096,
     clusters: int = 0,
     seed: int = 0,
+    sample_rows: int = SAMPLE_ROWS,
 ) -> np.ndarray:
     """Keep mask for ``new`` (n, d) given earlier kept vectors ``prev`` (m, d); rows must be L2-normalised.
 
@@ -63,6 +68,7 @@ def dedup_mask(
         block_size: rows per block of the greedy pass.
         clusters: k for 'cluster'; 0 picks sqrt(n + m).
         seed: k-means seed.
+        sample_rows: at most this many rows (every j-th) fit the centroids.
 
     Returns:
         Boolean array of length n: True = keep.
@@ -77,15 +83,27 @@ def dedup_mask(
     if method != "cluster":
         raise ValueError(f"dedup method {method!r}: expected 'greedy' or 'cluster'")
 
-    from sklearn.cluster import MiniBatchKMeans
-
     both = np.concatenate([prev, new]) if len(prev) else new
-    k = clusters or max(1, int(np.sqrt(len(both))))
-    k = min(k, len(both))
-    labels = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3).fit_predict(both)
+    k = min(clusters or max(1, int(np.sqrt(len(both)))), len(both))
+    labels = nearest_centroid(both, fit_centroids(both[:: max(1, -(-len(both) // sample_rows))], k, seed=seed))
     prev_labels, new_labels = labels[: len(prev)], labels[len(prev) :]
     keep = np.ones(len(new), dtype=bool)
     for c in np.unique(new_labels):
         idx = np.flatnonzero(new_labels == c)
         keep[idx] = _greedy(new[idx], prev[prev_labels == c], threshold, block_size)
     return keep
+
+
+def fit_centroids(sample: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+    """k L2-normalised k-means centroids (k, d) of ``sample`` (at most ``len(sample)``)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    sample = np.asarray(sample, np.float32)
+    k = max(1, min(k, len(sample)))
+    centers = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=4096).fit(sample).cluster_centers_
+    return (centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the most similar centroid (cosine) for each L2-normalised row of ``vectors``."""
+    return (np.asarray(vectors, np.float32) @ centroids.T).argmax(axis=1)

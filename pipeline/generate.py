@@ -4,11 +4,12 @@ Reads: the model (``model.source``) and the ``tree`` / ``engine`` config. Writes
 :mod:`pipeline.corpus`): ``nodes/level_NN/`` per level, ``dialogues/``, ``manifest.json`` (with the quality metrics of
 :mod:`pipeline.quality`) and the dataset card ``README.md`` (:mod:`pipeline.card`).
 
-Each level's children are a Ray Dataset whose ``map_batches`` routes rows to a pool of vLLM engine actors
-(:mod:`pipeline.levels`). The pool is started once per run (not per level) and whole subtrees go to the same engine
-(rows are routed by their level-1 ancestor), so siblings and descendants share prompt prefixes in one engine's cache.
-A level is written atomically with a ``_SUCCESS`` marker; rerunning with the same output directory and config skips
-completed levels.
+Each level is a Ray Data pipeline (:mod:`pipeline.levels`) from the frontier of the level above (its kept nodes with
+their root-to-node paths, read from Parquet) to the level's rows, written back to Parquet by the workers: no level
+passes through the driver, which holds only the manifest, counts and actor handles. The engine pool is started once
+per run (not per level) and whole subtrees go to the same engine (rows are routed by their level-1 ancestor), so
+siblings and descendants share prompt prefixes in one engine's cache. A level is written atomically with a
+``_SUCCESS`` marker; rerunning with the same output directory and config skips completed levels.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ from pipeline.card import write_card
 from pipeline.config import EngineConfig, ModelConfig, TGConfig
 from pipeline.corpus import (
     DIALOGUE_SCHEMA,
+    FRONTIER_SCHEMA,
     NODE_SCHEMA,
     atomic_write_text,
+    frontier_dir,
+    level_dir,
+    read_dataset,
     read_json,
-    read_level,
-    write_level,
-    write_table,
+    write_dataset,
 )
 from pipeline.hardware import cpu_engine_env
-from pipeline.levels import Prompting, QuestionDedup, generate_level
+from pipeline.levels import LevelSpec, QuestionDedup, grow_level, level_stats, root_frontier
 from pipeline.quality import measure_generated
 
 __all__ = ["check_output", "engine_options", "generate"]
@@ -68,6 +71,7 @@ def engine_options(model: ModelConfig, engine: EngineConfig, *, model_len: int |
         "replicas": engine.replicas,
         "num_cpus": engine.cpus_per_replica,
         "num_gpus": engine.gpus_per_replica,
+        "resources": dict(engine.resources),
         "engine_kwargs": kwargs,
         "env": env,
     }
@@ -127,8 +131,6 @@ def generate(
     Raises:
         ValueError: the output directory holds another config's corpus and ``overwrite`` is off.
     """
-    from transformers import AutoTokenizer
-
     from pipeline.model import resolve_model
 
     t_run = time.monotonic()
@@ -140,7 +142,7 @@ def generate(
         return previous
 
     model_path = resolve_model(cfg.model, log=log)
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = _chat_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     render = chat.renderer(tok)
     fmt = chat.probe(render, special_tokens=tok.all_special_tokens)
     system = chat.root_messages(tcfg.system_prompt, fmt) if tcfg.mode == "sft" else []
@@ -160,22 +162,36 @@ def generate(
     }
     atomic_write_text(out_dir / "manifest.json", _dumps(manifest))
 
-    paths = _grow(cfg, layers, out_dir=out_dir, manifest=manifest, model_path=model_path, engines=engines,
-                  embedder=embedder, prompting=Prompting(render=render, fmt=fmt, system=system, pt_root=pt_root),
-                  log=log)
-    table = _dialogue_table(paths, system=system, mode=tcfg.mode, tree_hash=digest)
-    write_table(table, out_dir / "dialogues", shard_rows=tcfg.shard_rows)
-    manifest.update(status="complete", dialogues=table.num_rows, seconds=round(time.monotonic() - t_run, 2))
+    spec = dict(run_seed=tcfg.seed, render=render, fmt=fmt, system=tuple(system), pt_root=pt_root,
+                filters=tcfg.filters, batch_size=cfg.engine.batch_size)
+    last = _grow(cfg, layers, out_dir=out_dir, manifest=manifest, engines=engines, embedder=embedder, spec=spec,
+                 log=log)
+    n_dialogues = _write_dialogues(last, out_dir / "dialogues", system=system, mode=tcfg.mode, tree_hash=digest,
+                                   shard_rows=tcfg.shard_rows)
+    manifest.update(status="complete", dialogues=n_dialogues, seconds=round(time.monotonic() - t_run, 2))
     manifest["totals"] = _totals(manifest["levels"])
-    manifest["quality"] = measure_generated(out_dir, embedder=tcfg.dedup.embedder, actor=embedder,
-                                            tasks=cfg.eval.tasks, data_dir=cfg.eval.data_dir, log=log)
+    manifest["quality"] = _quality(cfg, out_dir, embedder=embedder, log=log)
     write_card(out_dir, manifest)  # before the manifest says "complete": a complete corpus always has its card
     atomic_write_text(out_dir / "manifest.json", _dumps(manifest))
-    log(f"generate: {table.num_rows} dialogues -> {out_dir}")
+    log(f"generate: {n_dialogues} dialogues -> {out_dir}")
     return manifest
 
 
 # ----------------------------------------------------------------------------- the levels
+
+
+def _chat_tokenizer(model_path: str, *, trust_remote_code: bool) -> Any:
+    """The model's tokenizer, for its chat template and special tokens only. A local folder with a
+    ``tokenizer.json`` loads as a plain ``PreTrainedTokenizerFast`` (the same template and special tokens; importing
+    ``AutoTokenizer`` pulls in torch and scikit-learn, 4 s of a 10 k-node run's start); custom code, hub ids and
+    sentencepiece-only tokenizers go through ``AutoTokenizer``."""
+    if not trust_remote_code and (Path(model_path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(model_path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
 
 
 def _start_pool(cfg: TGConfig, model_path: str, manifest: dict, log: Callable[[str], None]) -> list:
@@ -194,15 +210,17 @@ def _start_pool(cfg: TGConfig, model_path: str, manifest: dict, log: Callable[[s
 
 
 def _grow(
-    cfg: TGConfig, layers: list[tree.Layer], *, out_dir: Path, manifest: dict, model_path: str, engines: list | None,
-    embedder: Any, prompting: Prompting, log: Callable[[str], None],
-) -> dict[str, tuple]:
+    cfg: TGConfig, layers: list[tree.Layer], *, out_dir: Path, manifest: dict, engines: list | None, embedder: Any,
+    spec: dict, log: Callable[[str], None],
+) -> Any:
     """Generate every level not yet written (completed ones are reused), recording each in the manifest. The engine
     pool starts at the first level to generate, unless ``engines`` are given, and is stopped at the end.
 
     Returns:
-        Every node of the last level -> its root-to-node path.
+        The last level's frontier (a Ray Dataset read from its Parquet folder): the dialogues.
     """
+    import ray
+
     from actors.engine import stop_engines
     from pipeline.runtime import init_ray
 
@@ -211,54 +229,79 @@ def _grow(
     dedup_state = QuestionDedup(cfg.tree.dedup, actor=embedder)
     if any(layer.kind == "question" for layer in layers):
         dedup_state.start()
-    paths: dict[str, tuple] = {tree.ROOT_ID: ()}
+    frontier, parents, regrown = ray.data.from_arrow(root_frontier()), 1, False
     try:
         for layer in layers:
-            done = read_level(out_dir, layer.level)
-            if done is not None:
-                rows = done[0].to_pylist()
-                for r in rows:
-                    r["kind"] = layer.kind
-                dedup_state.remember(layer, rows)
-                log(f"level {layer.level}/{len(layers)} {layer.kind}: reused {done[1]['kept']} kept nodes")
+            marker = read_json(level_dir(out_dir, layer.level) / "_SUCCESS")
+            if marker is not None and not regrown and (frontier_dir(out_dir, layer.level) / "_SUCCESS").exists():
+                if layer.kind == "question":
+                    dedup_state.remember(read_dataset(level_dir(out_dir, layer.level), schema=NODE_SCHEMA))
+                log(f"level {layer.level}/{len(layers)} {layer.kind}: reused {marker['kept']} kept nodes")
+                parents = marker["kept"]
             else:
+                regrown = True  # every level below one made now is made again: its parents changed
                 if engines is None:
-                    engines = _start_pool(cfg, model_path, manifest, log)
-                rows, stats = generate_level(layer, paths, engines=engines, prompting=prompting, cfg=cfg,
-                                             dedup=dedup_state)
-                write_level(out_dir, layer.level, pa.Table.from_pylist(rows, schema=NODE_SCHEMA),
-                            shard_rows=cfg.tree.shard_rows, stats=stats)
+                    engines = _start_pool(cfg, manifest["model_path"], manifest, log)
+                stats = _make_level(cfg, layer, frontier, parents=parents, out_dir=out_dir, engines=engines,
+                                    dedup=dedup_state, spec=spec)
                 manifest["levels"][str(layer.level)] = stats
                 atomic_write_text(out_dir / "manifest.json", _dumps(manifest))
                 log(_level_line(layer, stats, len(layers)))
-            paths = tree.grow_paths(paths, rows)
-            del rows, done  # only the slim paths go on: a level's full rows must not outlive it (memory at 1 M nodes)
+                parents = stats["kept"]
+            frontier = read_dataset(frontier_dir(out_dir, layer.level), schema=FRONTIER_SCHEMA)
         if engines:
             manifest["engine_metrics"] = _engine_metrics(engines)
     finally:
         dedup_state.close()
         if own_engines and engines:
             stop_engines(engines)
-    return paths
+    return frontier
+
+
+def _make_level(cfg: TGConfig, layer: tree.Layer, frontier: Any, *, parents: int, out_dir: Path, engines: list,
+                dedup: QuestionDedup, spec: dict) -> dict:
+    """Generate, filter and dedup one level in the workers; write its frontier, then its nodes and ``_SUCCESS``."""
+    from ray.data.expressions import col
+
+    tcfg = cfg.tree
+    sampling = (tcfg.answer if layer.kind == "answer" else tcfg.question).model_dump()
+    t0 = time.monotonic()
+    rows = grow_level(frontier, LevelSpec(layer=layer, sampling=sampling, **spec), engines=engines).materialize()
+    t_gen = time.monotonic() - t0
+    if layer.kind == "question" and tcfg.dedup.enabled:
+        rows = dedup.apply(rows).materialize()
+    seconds = {"generate": t_gen, "dedup": time.monotonic() - t0 - t_gen}
+    kept = rows.filter(expr=col("status") == "kept")
+    write_dataset(kept, frontier_dir(out_dir, layer.level), schema=FRONTIER_SCHEMA, shard_rows=tcfg.shard_rows,
+                  marker={"level": layer.level})
+    seconds["total"] = time.monotonic() - t0
+    stats = level_stats(rows, layer, parents=parents, seconds=seconds)
+    write_dataset(rows, level_dir(out_dir, layer.level), schema=NODE_SCHEMA, shard_rows=tcfg.shard_rows,
+                  marker=stats)
+    return stats
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def _dialogue_table(paths: dict[str, tuple], *, system: list[dict], mode: str, tree_hash: str,
-                    chunk_rows: int = 50_000) -> pa.Table:
-    """One row per root-to-leaf path. Built ``chunk_rows`` dialogues at a time: the per-row Python dicts are far
-    larger than their Arrow form, and building all of them at once made this the driver's memory peak at 1 M nodes."""
-    chunks, rows = [], []
-    for leaf_id, path in paths.items():
-        if not path:
-            continue
-        if len(rows) == chunk_rows:
-            chunks.append(pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA))
-            rows = []
-        sft = mode == "sft"
+def _write_dialogues(frontier: Any, directory: Path, *, system: list[dict], mode: str, tree_hash: str,
+                     shard_rows: int) -> int:
+    """Write one dialogue per root-to-leaf path, made in the workers from the last level's frontier; returns how
+    many."""
+    table = frontier.map_batches(_dialogues, fn_kwargs={"system": system, "mode": mode, "tree_hash": tree_hash},
+                                 batch_format="pyarrow", num_cpus=0.25).materialize()
+    write_dataset(table, directory, schema=DIALOGUE_SCHEMA, shard_rows=shard_rows)
+    return table.count()
+
+
+def _dialogues(batch: pa.Table, *, system: list[dict], mode: str, tree_hash: str) -> pa.Table:
+    """Ray Data UDF: the dialogue rows (DIALOGUE_SCHEMA) of a batch of last-level frontier rows."""
+    sft = mode == "sft"
+    rows = []
+    for rec in batch.to_pylist():
+        path = rec["path"]
         rows.append({
-            "dialogue_id": leaf_id,
+            "dialogue_id": rec["node_id"],
             "messages": tree.path_messages(system, path) if sft else [],
             "text": None if sft else "".join(n["text"] for n in path),
             "node_ids": [n["node_id"] for n in path],
@@ -266,8 +309,25 @@ def _dialogue_table(paths: dict[str, tuple], *, system: list[dict], mode: str, t
             "n_tokens": sum(n["n_tokens"] for n in path),
             "tree": tree_hash,
         })
-    chunks.append(pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA))
-    return pa.concat_tables(chunks)
+    return pa.Table.from_pylist(rows, schema=DIALOGUE_SCHEMA)
+
+
+def _quality(cfg: TGConfig, out_dir: Path, *, embedder: Any, log: Callable[[str], None]) -> dict:
+    """The corpus's quality metrics (:func:`pipeline.quality.measure_generated`), computed in a Ray task: they read
+    every node, which must not happen in the driver."""
+    import ray
+
+    lines: list[str] = []
+
+    def task() -> tuple[dict, list[str]]:
+        q = measure_generated(out_dir, embedder=cfg.tree.dedup.embedder, actor=embedder, tasks=cfg.eval.tasks,
+                              data_dir=cfg.eval.data_dir, log=lines.append)
+        return q, lines
+
+    q, logged = ray.get(ray.remote(task).options(num_cpus=0).remote())
+    for line in logged:
+        log(line)
+    return q
 
 
 _METRICS = ("calls", "start_seconds", "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:prefix_cache_queries",

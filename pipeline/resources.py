@@ -73,9 +73,12 @@ def train_memory(cfg: TGConfig, params: int) -> dict[str, float]:
     return {"device": params * device, "host": params * host}
 
 
-def _stage(name: str, count: int, cpus: float, gpus: float, note: str = "") -> dict[str, Any]:
+def _stage(name: str, count: int, cpus: float, gpus: float, note: str = "",
+           custom: dict[str, float] | None = None) -> dict[str, Any]:
+    """One stage's row; ``custom``: the extra Ray resources each reserves, listed in the note."""
+    extra = "".join(f"; + {amount:g} {res} each" for res, amount in sorted((custom or {}).items()))
     return {"stage": name, "count": count, "cpus_each": cpus, "gpus_each": gpus,
-            "cpus": count * cpus, "gpus": count * gpus, "note": note}
+            "cpus": count * cpus, "gpus": count * gpus, "note": note + extra}
 
 
 def _serve_models(cfg: TGConfig) -> int:
@@ -87,7 +90,7 @@ def _serve_stage(cfg: TGConfig) -> dict[str, Any]:
     s: ServeConfig = cfg.serve
     n = _serve_models(cfg)
     row = _stage("serving", n, s.cpus_per_replica + s.server_cpus, s.gpus_per_replica,
-                 f"{n} models; + {s.ingress_cpus:g} ingress CPU")
+                 f"{n} models; + {s.ingress_cpus:g} ingress CPU", s.resources)
     row["cpus"] = required_cpus(n, serve=s)
     return row
 
@@ -108,12 +111,12 @@ def resources(cfg: TGConfig, *, params: int | None = None) -> dict[str, Any]:
     e, t = cfg.engine, cfg.train
     params = params if params is not None else local_param_count(cfg.model.source)
     stages = [_stage("generation", e.replicas, e.cpus_per_replica, e.gpus_per_replica,
-                     f"vLLM engines, TP={e.tensor_parallel_size}")]
+                     f"vLLM engines, TP={e.tensor_parallel_size}", e.resources)]
     if cfg.tree.dedup.enabled:
         stages.append(_stage("dedup embedder", 1, EMBEDDER_CPUS, 0.0, "runs beside the engines"))
     memory = train_memory(cfg, params) if params else None
     stages.append(_stage("training", t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0,
-                         f"ZeRO-{t.zero_stage}"))
+                         f"ZeRO-{t.zero_stage}", t.resources_per_worker))
     stages.append(_serve_stage(cfg))
     gen = [s for s in stages if s["stage"] in ("generation", "dedup embedder")]
     rest = [s for s in stages if s not in gen]

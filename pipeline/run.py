@@ -148,6 +148,7 @@ def _run(cfg: TGConfig, run_dir: Path, *, config_path: str | None, console: Cons
     from pipeline.model import resolve_model
     from pipeline.report import write_report
     from pipeline.runtime import init_ray
+    from pipeline.storage import check_shared_storage
     from pipeline.train import train
 
     t0 = time.monotonic()
@@ -155,6 +156,7 @@ def _run(cfg: TGConfig, run_dir: Path, *, config_path: str | None, console: Cons
     header = f"# effective config of run {cfg.name}" + (f" (from {config_path})" if config_path else "") + "\n"
     atomic_write_text(run_dir / "config.yaml", header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard_host=cfg.ray.dashboard_host)
+    check_shared_storage(cfg, log=log)  # on a multi-node cluster: every node sees the run's folders
     timings: dict[str, float] = {}
 
     def stage(name: str, fn):

@@ -9,15 +9,16 @@ allowed. Reads tree presets from ``pipeline/presets/`` and checks chat-template 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
     "PRESET_DIR",
     "DataConfig",
+    "Resources",
     "DedupConfig",
     "EngineConfig",
     "FilterConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "TreeConfig",
     "chat_template_file",
+    "custom_resources",
     "gpu_rank_problems",
     "model_folder_problem",
 ]
@@ -45,6 +47,30 @@ def gpu_rank_problems(gpus: float, ranks: int, ranks_key: str) -> list[tuple[str
         return [("gpus_per_replica", f"one GPU per tensor-parallel rank: must equal {ranks_key} ({ranks}), or 0 on "
                  "CPU, or a fraction below 1 when tensor_parallel_size is 1")]
     return []
+
+
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def custom_resources(value: dict[str, float]) -> dict[str, float]:
+    """Check extra Ray resources (custom ones, such as ``{"pool_a": 1}``) and return them.
+
+    Raises:
+        ValueError: an empty name, one of Ray's own resources (CPU, GPU, memory, object_store_memory), or an amount
+            below Ray's precision of 0.0001 (negative or zero included); every problem in one message.
+    """
+    problems = ["a resource name is empty" for name in value if not name.strip()]
+    problems += [f"{name!r} is one of Ray's own resources, not a custom one (CPUs and GPUs have their own fields)"
+                 for name in value if name in _BUILTIN_RESOURCES]
+    problems += [f"{name!r}: amount {amount:g} must be at least 0.0001 (Ray's precision; leave the name out to ask "
+                 "for none)" for name, amount in value.items() if amount < 1e-4]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value
+
+
+# A config field of extra Ray resources per actor or worker, checked by custom_resources.
+Resources = Annotated[dict[str, float], AfterValidator(custom_resources)]
 
 
 def chat_template_file(value: str) -> Path:
@@ -151,6 +177,10 @@ class EngineConfig(Section):
     max_num_seqs: int = Field(128, ge=1, description="Sequences one engine schedules at once.")
     batch_size: int = Field(256, ge=1, description="Rows per Ray Data batch sent to an engine.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM keyword arguments.")
+    resources: Resources = Field(
+        default_factory=dict, description="Extra Ray resources per engine actor, e.g. {gen_pool: 1}: custom resources "
+        "a node was started with (`ray start --resources`) pin the engines to such nodes."
+    )
 
     @model_validator(mode="after")
     def _check_gpus(self) -> "EngineConfig":
@@ -310,6 +340,10 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker.")
+    resources_per_worker: Resources = Field(
+        default_factory=dict, description="Extra Ray resources per worker besides its CPUs (and GPU), e.g. "
+        "{train_pool: 1}: custom resources a node was started with pin the workers to such nodes."
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU (stage >= 1).")
     offload_param: bool = Field(False, description="ZeRO-Offload of parameters to CPU (stage 3 only).")

@@ -91,7 +91,9 @@ def build_app_args(models: dict[str, str], *, serve: ServeConfig, model: ModelCo
             "placement_group_config": {"bundles": [dict(b) for b in bundles]},
             "deployment_config": {
                 "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"num_cpus": serve.server_cpus},
+                # Serve LLM adds the replica actor's resources to the engine's first bundle: both land on a
+                # node that has them.
+                "ray_actor_options": {"num_cpus": serve.server_cpus, "resources": dict(serve.resources)},
             },
             "runtime_env": {"env_vars": env},
             "log_engine_metrics": False,

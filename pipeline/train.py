@@ -185,7 +185,7 @@ def _fit(cfg: TGConfig, prep: Prepared, *, storage: str, run_name: str, monitor:
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, prep).as_dict() | monitor,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker, **tc.resources_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

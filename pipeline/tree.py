@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 __all__ = [
+    "PATH_KEYS",
     "ROOT_ID",
     "Layer",
     "check_levels",
@@ -190,9 +191,12 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def mark_duplicates(rows: Sequence[dict]) -> list[bool]:
-    """True for each kept row whose normalized text repeats an earlier kept sibling (same parent)."""
-    seen: set[tuple[str, str]] = set()
+def mark_duplicates(rows: Sequence[dict], *, seen: set | None = None) -> list[bool]:
+    """True for each kept row whose normalized text repeats an earlier kept sibling (same parent).
+
+    ``seen`` carries the kept (parent, text) keys over from earlier calls, for siblings that come in chunks.
+    """
+    seen = set() if seen is None else seen
     out = []
     for r in rows:
         key = (r["parent_id"], normalize(r["text"]))
@@ -220,13 +224,13 @@ def grow_paths(paths: Mapping[str, tuple], rows: Iterable[dict]) -> dict[str, tu
         paths live for the whole run, and holding full rows kept every field of every kept node in memory.
     """
     return {
-        r["node_id"]: paths[r["parent_id"]] + ({k: r[k] for k in _PATH_KEYS if k in r},)
+        r["node_id"]: paths[r["parent_id"]] + ({k: r[k] for k in PATH_KEYS if k in r},)
         for r in rows
         if r["status"] == "kept" and r["parent_id"] in paths
     }
 
 
-_PATH_KEYS = ("node_id", "kind", "text", "n_tokens")  # what prompts and dialogues read from a path node
+PATH_KEYS = ("node_id", "kind", "text", "n_tokens")  # what prompts and dialogues read from a path node
 
 
 def path_messages(system: list[dict], path: Sequence[dict]) -> list[dict]:

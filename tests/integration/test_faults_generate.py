@@ -28,8 +28,10 @@ from pipeline.generate import generate
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BRANCHING, SEED = [3, 1, 2, 1], 11
+# Truncated outputs are kept: how often a 135M model's question fits in 32 tokens depends on the CPU's numerics
+# (bf16 or fp32), and a level whose parents were all dropped finishes at once, leaving no "mid-level" to crash in.
 OVERRIDES = [f"tree.branching={BRANCHING}", "tree.max_new_tokens=[32,64,32,64]", f"tree.seed={SEED}",
-             "engine.enforce_eager=true", "engine.kv_cache_gib=1"]
+             "tree.filters.truncated=keep", "engine.enforce_eager=true", "engine.kv_cache_gib=1"]
 
 
 def _cfg(tmp, *extra):
@@ -69,7 +71,10 @@ def reference(tmp_path_factory, engines):
     """An uninterrupted run, one row per engine call (a batch composition unlike the runs under test)."""
     out = tmp_path_factory.mktemp("ref") / "corpus"
     manifest = generate(_cfg(out.parent, "engine.batch_size=1"), out_dir=out, engines=engines, log=lambda _: None)
-    return assert_complete(out, manifest)
+    levels = assert_complete(out, manifest)
+    kept = [sum(r["status"] == "kept" for r in rows) for rows in levels]
+    assert all(kept[:-1]), f"kept nodes per level {kept}: a level without kept parents leaves the next one no work"
+    return levels
 
 
 def test_sigkill_of_the_driver_in_level_2_resumes(reference, tmp_path, engines, ray_session):
@@ -85,8 +90,8 @@ def test_sigkill_of_the_driver_in_level_2_resumes(reference, tmp_path, engines, 
     while not level1.exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "level 1 never completed"
-        time.sleep(0.2)
-    time.sleep(1.0)  # inside level 2 now
+        time.sleep(0.05)
+    time.sleep(0.2)  # inside level 2 now
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -126,8 +131,8 @@ def test_engine_actor_killed_mid_level_is_restarted(reference, tmp_path, engines
     deadline = time.monotonic() + 600
     while not any(line.startswith("level 1/4") for line in lines):
         assert worker.is_alive() and time.monotonic() < deadline
-        time.sleep(0.1)
-    time.sleep(0.5)
+        time.sleep(0.05)
+    time.sleep(0.2)
     assert read_level(out, 1) is not None and read_level(out, 2) is None, "not inside level 2"
     ray.kill(engines[0], no_restart=False)  # crash the engine while level 2 is in flight
     killed_mid_level = read_level(out, 2) is None  # level 2 was still unfinished when the engine died

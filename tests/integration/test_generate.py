@@ -10,7 +10,7 @@ import pytest
 from pipeline import chat, tree
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.corpus import level_dir, read_dialogues, read_json, read_level
+from pipeline.corpus import frontier_dir, level_dir, read_dialogues, read_json, read_level
 from pipeline.generate import generate
 from pipeline.tasks.loaders import GENERAL_ITEMS
 
@@ -99,13 +99,14 @@ def test_dialogues_alternate_roles_with_k_turns(full_run):
 
 
 def test_resume_after_level_2_reuses_it_and_completes_the_tree(full_run, tmp_path, engines):
-    """A crash after level 2 leaves levels 1-2 complete and nothing else: the rerun reuses them as they are and
-    finishes levels 3-4 into a complete tree. Texts below level 2 may differ from the first run's (the engine is not
+    """A crash after level 2 leaves levels 1-2 (nodes and frontiers) complete and nothing else: the rerun reuses them
+    as they are and finishes levels 3-4 into a complete tree. Texts below level 2 may differ from the first run's (the engine is not
     batch-invariant), so only what the resume promise fixes is compared with it."""
     out, manifest, _ = full_run
     crashed = tmp_path / "corpus"
     for level in (1, 2):
         shutil.copytree(level_dir(out, level), level_dir(crashed, level))
+        shutil.copytree(frontier_dir(out, level), frontier_dir(crashed, level))
     partial = {**manifest, "status": "running", "levels": {k: manifest["levels"][k] for k in ("1", "2")}}
     (crashed / "manifest.json").write_text(json.dumps(partial))
     lines = []

@@ -1,7 +1,14 @@
-"""The end-to-end run, submitted with `ray job submit` to a local head started on free loopback ports.
+"""The end-to-end run on a two-node Ray cluster on this machine, submitted with `ray job submit`.
 
+A head and a worker node are started with `ray start` on free loopback ports with token auth, each with its own
+custom resource: the job's driver asks for `tgsft_head`, and the run pins its engine actors, training workers and
+served replicas to the worker node by asking for `tgsft_worker` (engine.resources, train.resources_per_worker,
+serve.resources).
 This is the suite's one full pipeline run (generate -> mix -> train -> serve -> eval -> report) on the embedded
 default, reduced in size; `make run` does the full-size one.
+
+The worker node runs in its own mount namespace with a private tmpfs over one folder (`hidden`): a folder the driver
+writes and the worker node cannot see, as on a cluster without shared storage there.
 """
 
 import json
@@ -15,21 +22,60 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import tree
+from pipeline.corpus import read_nodes
 from pipeline.serve import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+BRANCHING = [6, 1, 1, 1]
+PINNED = "{tgsft_worker: 1}"
+
+
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents: the session's own Ray and the other node may hold their defaults."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
+
+
+def _start(args: list, env: dict, log: Path) -> subprocess.Popen:
+    """A `ray start ... --block` in its own process group, its output in ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen([str(a) for a in args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill a node's process group only: `ray stop` would kill every Ray process on the machine, including the
+    session's own cluster."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except ProcessLookupError:  # the group is gone already
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _state(env: dict, address: str, what: str) -> list[dict]:
+    """`ray list <what>` through the State API, as JSON (dead actors included)."""
+    cmd = [BIN / "ray", "list", what, "--address", address, "--format", "json", "--detail", "--limit", "10000"]
+    out = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
-def head():
-    """`ray start --head --block` on free loopback ports with token auth, in its own process group.
+def cluster(tmp_path_factory):
+    """A head (`tgsft_head`) and a worker node (`tgsft_worker`, in a mount namespace that hides ``hidden``).
 
-    Stopped by killing that group only: `ray stop` would kill every Ray process on the machine, including the
-    session's own cluster.
+    Yields:
+        ``(env, dashboard address, the worker node's State API record, hidden folder)``.
     """
+    if os.geteuid() != 0:
+        pytest.skip("the worker node's private mount namespace needs root (unshare --mount)")
+    hidden = tmp_path_factory.mktemp("hidden")
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -38,34 +84,42 @@ def head():
     }
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
-    # Free ports for the agents too: the session's own Ray may hold their defaults.
-    agents = [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-              f"--runtime-env-agent-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
-    proc = subprocess.Popen(
-        [BIN / "ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8", "--disable-usage-stats",
-         *agents],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
     address = f"http://127.0.0.1:{dash}"
+    logs = tmp_path_factory.mktemp("nodes")
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--object-store-memory=2000000000"]
+    procs = {"head": _start([BIN / "ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--num-cpus=4", '--resources={"tgsft_head": 1}', *common,
+                             *_agent_ports()], env, logs / "head.log")}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, "ray start --head exited"
-            status = subprocess.run([BIN / "ray", "job", "list", "--address", address], env=env,
-                                    capture_output=True, timeout=120)
-            if status.returncode == 0:
-                break
-            assert time.monotonic() < deadline, status.stderr.decode()[-2000:]
-            time.sleep(2)
-        yield env, address
+        _wait_alive(env, address, procs, logs, 1)
+        procs["worker"] = _start(["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tgsft-hidden "$0" && exec "$@"',
+                                  hidden, BIN / "ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=6",
+                                  '--resources={"tgsft_worker": 8}', *common, *_agent_ports()], env,
+                                 logs / "worker.log")
+        alive = _wait_alive(env, address, procs, logs, 2)
+        (worker,) = [n for n in alive if "tgsft_worker" in n["resources_total"]]
+        yield env, address, worker, hidden
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for proc in reversed(procs.values()):
+            _stop(proc)
         _forget_head(gcs)
+
+
+def _wait_alive(env: dict, address: str, procs: dict[str, subprocess.Popen], logs: Path, n: int) -> list[dict]:
+    """The State API's records of the cluster's alive nodes, once there are ``n`` (at most 300 s)."""
+    deadline = time.monotonic() + 300
+    while True:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                pytest.fail(f"`ray start` of the {name} exited: {(logs / f'{name}.log').read_text()[-3000:]}")
+        try:
+            alive = [node for node in _state(env, address, "nodes") if node["state"] == "ALIVE"]
+        except (subprocess.CalledProcessError, json.JSONDecodeError):
+            alive = []
+        if len(alive) == n:
+            return alive
+        assert time.monotonic() < deadline, f"{len(alive)} node(s) alive after 300 s, not {n}"
+        time.sleep(2)
 
 
 def _forget_head(gcs_port: int) -> None:
@@ -79,26 +133,68 @@ def _forget_head(gcs_port: int) -> None:
         path.unlink()
 
 
-def test_ray_job_submit_runs_the_pipeline(head, tmp_path):
-    env, address = head
+def _submit(env: dict, address: str, overrides: list[str], timeout: float) -> tuple[int, str]:
+    """`ray job submit ... -- tgsft run configs/local.yaml -o ...` with its driver on the head node: (exit code,
+    the job's output)."""
+    cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+           "--entrypoint-resources", '{"tgsft_head": 1}', "--",
+           "tgsft", "run", "configs/local.yaml"] + [a for o in overrides for a in ("-o", o)]
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_storage_a_node_cannot_see_stops_the_run_at_start(cluster):
+    """output_root and train.storage_path in the folder the worker node cannot see: the run stops before any stage,
+    naming the node, each folder and its config field, and leaves no probe file behind."""
+    env, address, worker, hidden = cluster
+    t0 = time.monotonic()
+    code, logs = _submit(env, address, [f"output_root={hidden / 'runs'}", "name=unshared",
+                                        f"train.storage_path={hidden / 'ckpt'}"], timeout=600)
+    assert code != 0, logs[-4000:]
+    where = f"node {worker['node_ip']} (id {worker['node_id']})"
+    assert f"{where} cannot see {hidden / 'runs' / 'unshared'} (output_root)" in logs, logs[-4000:]
+    assert f"{where} cannot see {hidden / 'ckpt'} (train.storage_path)" in logs
+    assert "Every node of the cluster must see output_root and train.storage_path" in logs
+    assert "== generate" not in logs and time.monotonic() - t0 < 300
+    assert not list(hidden.rglob(".tgsft-storage-probe-*"))
+
+
+def test_ray_job_submit_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
+    env, address, worker, _ = cluster
     out = tmp_path / "runs"
     overrides = [
         f"output_root={out}", "name=job",
-        "tree.branching=[6,1,1,1]", "tree.max_new_tokens=[32,96,32,96]",  # questions cut at the limit are dropped
+        f"tree.branching={BRANCHING}", "tree.max_new_tokens=[32,96,32,96]",  # questions cut at the limit are dropped
         # Small steps, many of them: ~17 optimizer steps of 2 rows of <= 160 tokens (the domain's format is
         # learned within a few steps; the MLflow check below wants >= 10 logged steps).
         "data.max_examples=32", "train.max_seq_len=160", "train.epochs=1", "train.micro_batch_size=2",
         "eval.limit=10", "eval.domain.limit=6", "eval.retention_dialogues=2", "eval.kl_prompts=6",
         f"serve.port={free_port()}",
         "eval.noise_floor_concurrent=0",  # the A/A pass is covered by test_serve_eval.py
+        f"engine.resources={PINNED}", f"train.resources_per_worker={PINNED}", f"serve.resources={PINNED}",
     ]
-    cmd = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "tgsft", "run", "configs/local.yaml"] + [a for o in overrides for a in ("-o", o)]
     t0 = time.monotonic()
-    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=2700)
-    logs = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in logs.lower(), logs[-4000:]
+    code, logs = _submit(env, address, overrides, timeout=2700)
+    assert code == 0 and "succeeded" in logs.lower(), logs[-4000:]
     print(f"job finished in {time.monotonic() - t0:.0f} s")
+    assert f"storage: all 2 nodes see output_root {out / 'job'}" in logs
+
+    # The pinned pieces ran on the worker node, and only there.
+    actors = _state(env, address, "actors")
+    placed = {kind: {a["node_id"] for a in actors if a["class_name"].startswith(prefix)}
+              for kind, prefix in (("engines", "GenerationEngine"), ("training workers", "RayTrainWorker"),
+                                   ("served replicas", "ServeReplica:tgsft:LLMServer"))}
+    assert placed == {kind: {worker["node_id"]} for kind in placed}, placed
+
+    # Node ids are derived from (seed, parent, branch) alone: every level is exactly the expansion of the kept nodes
+    # above it, and level 1 (all of it, kept or dropped, depends on nothing but seed and N_1) is the one a
+    # single-node run with the same seed has. No single-node run of this tree shape is in the session, so that
+    # reference is computed with tree.expand, which is what generation expands every level with.
+    nodes = read_nodes(out / "job" / "corpus").to_pylist()
+    levels = [[n for n in nodes if n["level"] == level] for level in range(1, len(BRANCHING) + 1)]
+    assert tree.check_levels(levels, branching=BRANCHING, run_seed=0) == []
+    single_node = tree.expand([{"node_id": tree.ROOT_ID, "group": None}], level=1, branching=BRANCHING[0], run_seed=0)
+    assert {r["node_id"] for r in levels[0]} == {c["node_id"] for c in single_node}
 
     run_dir = out / "job"
     corpus = json.loads((run_dir / "corpus" / "manifest.json").read_text())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pipeline.chat import TemplateRender
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -42,17 +42,6 @@ SPECIALS = {
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA}
 
 
-def _raise(msg):
-    raise ValueError(msg)
-
-
 def jinja_renderer(name: str):
-    """``render(messages, add_generation_prompt)`` for one of TEMPLATES."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    template = env.from_string(TEMPLATES[name])
-
-    def render(messages, add_generation_prompt):
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **SPECIALS[name])
-
-    return render
+    """``render(messages, add_generation_prompt)`` for one of TEMPLATES, as the pipeline renders a tokenizer's."""
+    return TemplateRender(TEMPLATES[name], SPECIALS[name])

@@ -64,11 +64,23 @@ def test_build_app_args_on_cpu(monkeypatch):
                                      "trust_remote_code": False, "max_num_seqs": 8}
     assert base["placement_group_config"] == {"bundles": [{"CPU": 1.0}]}  # no GPU key: it would wait for a GPU
     assert base["deployment_config"] == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                                         "ray_actor_options": {"num_cpus": 0.25}}
+                                         "ray_actor_options": {"num_cpus": 0.25, "resources": {}}}
     assert base["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
     assert args["ingress_deployment_config"] == {"ray_actor_options": {"num_cpus": 0.25}}
     base["engine_kwargs"]["dtype"] = "float32"
     assert tuned["engine_kwargs"]["dtype"] == "bfloat16"  # every model gets its own copy
+
+
+def test_custom_resources_reach_the_engines_and_the_replicas():
+    """Custom resources pin the engine actors and served replicas (whose engine shares the replica's first bundle,
+    which Serve LLM merges from ray_actor_options) to the nodes that have them."""
+    from pipeline.generate import engine_options
+
+    cfg = load_config(None, overrides=["engine.resources={gen_pool: 1}", "serve.resources={serve_pool: 0.5}"])
+    assert engine_options(cfg.model, cfg.engine)["resources"] == {"gen_pool": 1.0}
+    assert engine_options(cfg.model, load_config(None).engine)["resources"] == {}
+    (llm,) = build_app_args({"m": "/m"}, serve=cfg.serve, model=cfg.model)["llm_configs"]
+    assert llm["deployment_config"]["ray_actor_options"] == {"num_cpus": 0.25, "resources": {"serve_pool": 0.5}}
 
 
 @pytest.mark.parametrize(("cpus", "reserved", "env"), [

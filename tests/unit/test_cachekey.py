@@ -10,7 +10,7 @@ def test_stage_key_counts_what_shapes_the_output():
     for override in ("model.dtype=float32", "model.max_model_len=1024", "engine.tensor_parallel_size=2",
                      "engine.engine_kwargs={quantization: fp8}", "tree.seed=1", "tree.dedup.threshold=0.8"):
         assert stage_key(load_config(None, overrides=[override]), "model", "engine", "tree") != key, override
-    for override in ("model.cache_dir=/tmp/x", "engine.replicas=4", "engine.enforce_eager=true",
+    for override in ("model.cache_dir=/tmp/x", "engine.replicas=4", "engine.enforce_eager=true", "engine.resources={a: 1}",
                      "engine.batch_size=8", "tree.shard_rows=10", "ray.num_cpus=8", "train.lr=0.1"):
         assert stage_key(load_config(None, overrides=[override]), "model", "engine", "tree") == key, override
     steps = load_config(None, overrides=["train.max_steps=5"])

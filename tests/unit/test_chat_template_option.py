@@ -89,3 +89,23 @@ def test_embedded_model_with_chatml_renders_and_tokenizes_with_it(tmp_path):
     ex = tokenize_chat(tok, messages, max_seq_len=64)
     trained = tok.decode([t for t in ex.labels if t >= 0])
     assert trained.startswith("Blue.") and "Name a colour" not in trained
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_generation_reads_the_template_and_special_tokens_autotokenizer_reads(template):
+    """Generation loads a local folder's tokenizer without AutoTokenizer (no torch import); what it reads from it,
+    the rendered prompts and the special tokens, is what AutoTokenizer gives."""
+    from transformers import AutoTokenizer
+
+    from pipeline.generate import _chat_tokenizer
+
+    cfg = load_config(None, overrides=[f"model.chat_template={template}"] if template else [])
+    path = resolve_model(cfg.model, log=lambda *_: None)
+    light, auto = _chat_tokenizer(path, trust_remote_code=False), AutoTokenizer.from_pretrained(path)
+    assert chat.renderer(light) == chat.renderer(auto)
+    assert (light.all_special_tokens, light.bos_token, light.eos_token) == (
+        auto.all_special_tokens, auto.bos_token, auto.eos_token)
+    messages = [{"role": "user", "content": "Hi."}]
+    assert chat.renderer(light)(messages, True) == auto.apply_chat_template(messages, tokenize=False,
+                                                                            add_generation_prompt=True)

@@ -74,6 +74,13 @@ INVALID = {
     "GPUs per replica != tensor parallel size": (
         "engine:\n  gpus_per_replica: 1\n  tensor_parallel_size: 2\n",
         "engine.gpus_per_replica: one GPU per tensor-parallel rank: must equal engine.tensor_parallel_size (2)"),
+    "CPU as a custom resource": ("engine:\n  resources: {CPU: 1}\n",
+                                 "engine.resources: 'CPU' is one of Ray's own resources, not a custom one"),
+    "negative resource amount": ("train:\n  resources_per_worker: {pool: -1}\n",
+                                 "train.resources_per_worker: 'pool': amount -1 must be at least 0.0001"),
+    "memory as a custom resource": ("serve:\n  resources: {memory: 1000000}\n",
+                                    "serve.resources: 'memory' is one of Ray's own resources"),
+    "resource amount not a number": ("engine:\n  resources: {pool: lots}\n", "engine.resources.pool"),
     "served GPUs != tensor parallel size": (
         "serve:\n  gpus_per_replica: 4\n",
         "serve.gpus_per_replica: one GPU per tensor-parallel rank: must equal "
@@ -103,6 +110,14 @@ def test_cross_field_rules_accept_valid_combinations():
     assert load_config(None, overrides=["engine.gpus_per_replica=0.5"]).engine.gpus_per_replica == 0.5  # shared GPU
     with pytest.raises(ValueError, match="train.zero_stage: 3"):  # assignments are validated too
         cfg.train.zero_stage = 2
+
+
+def test_custom_resources_per_stage():
+    cfg = load_config(None, overrides=["engine.resources={gen_pool: 1}", "train.resources_per_worker={gpu_a100: 0.5}",
+                                       "serve.resources={'node:10.0.0.2': 0.01}"])
+    assert cfg.engine.resources == {"gen_pool": 1.0} and cfg.train.resources_per_worker == {"gpu_a100": 0.5}
+    assert cfg.serve.resources == {"node:10.0.0.2": 0.01}
+    assert load_config(None).engine.resources == {}  # none by default: any node with CPUs will do
 
 
 def test_preset_override_replaces_the_files_layer_lists():

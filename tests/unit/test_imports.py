@@ -9,7 +9,7 @@ HEAVY = ("vllm", "torch", "deepspeed", "ray", "transformers", "lm_eval", "senten
 MODULES = ["pipeline", "pipeline.config", "pipeline.cachekey", "pipeline.cli", "pipeline.chat", "pipeline.tree",
            "pipeline.dedup", "pipeline.corpus", "pipeline.generate", "pipeline.run", "pipeline.model", "pipeline.runtime",
            "pipeline.quality", "pipeline.reference", "pipeline.card", "pipeline.sections", "pipeline.levels",
-           "pipeline.inspect_corpus", "actors.engine", "actors.embedder"]
+           "pipeline.inspect_corpus", "pipeline.storage", "actors.engine", "actors.embedder"]
 
 
 @pytest.mark.parametrize("module", MODULES)
