@@ -121,8 +121,8 @@ def _route(rows: list[dict], prompts: list[str], *, engines: list, **gen_kwargs)
 
 def grow_level(frontier, spec: LevelSpec, *, engines: list):
     """The level's rows (LEVEL_SCHEMA) as a lazy Ray Dataset over ``frontier`` (a Dataset of the kept nodes above)."""
-    # Two calls in flight per engine keep it busy; more tasks would only start more worker processes, each paying
-    # the tokenizer's load (~5 s of CPU), which dominates a small level.
+    # Two calls in flight per engine keep it busy; more tasks would only start more worker processes, whose start-up
+    # and imports dominate a small level.
     return frontier.map_batches(expand_batch, fn_kwargs={"spec": spec, "engines": engines},
                                 batch_size=max(1, spec.batch_size // spec.layer.branching), batch_format="pyarrow",
                                 num_cpus=_UDF_CPUS, concurrency=2 * len(engines))
