@@ -84,8 +84,9 @@ def expand_batch(parents: pa.Table, *, spec: LevelSpec, engines: list) -> Iterat
         for r, dup in zip(chunk, tree.mark_duplicates(chunk, seen=seen)):
             if dup:
                 r.update(status="dropped", drop_reason=tree.DUPLICATE)
-            r["path"] = (list(paths[r["parent_id"]]) + [{k: r[k] for k in tree.PATH_KEYS}]
-                         if r["status"] == "kept" else None)
+        grown = tree.grow_paths(paths, chunk)
+        for r in chunk:
+            r["path"] = list(grown[r["node_id"]]) if r["node_id"] in grown else None
         yield pa.Table.from_pylist(chunk, schema=LEVEL_SCHEMA)
 
 

@@ -239,7 +239,6 @@ def path_messages(system: list[dict], path: Sequence[dict]) -> list[dict]:
     return list(system) + [{"role": roles[n["kind"]], "content": n["text"]} for n in path]
 
 
-
 # ----------------------------------------------------------------------------- the completeness promise
 
 
