@@ -38,10 +38,11 @@ _CHUNK = 1024  # examples tokenized (and packed) together
 
 
 def training_stream(mix: pa.Table, *, epochs: int, seed: int) -> pa.Table:
-    """Every epoch of the mix in its epoch order (:func:`pipeline.mix.epoch_order`), one after the other."""
-    from pipeline.mix import epoch_order
+    """Every epoch of the mix (:func:`pipeline.mix.epoch_rows`: the domain rows and that epoch's TG rows, in the
+    epoch's order), one after the other."""
+    from pipeline.mix import epoch_rows
 
-    parts = [mix.take(epoch_order(mix.num_rows, seed=seed, epoch=e)) for e in range(epochs)]
+    parts = [epoch_rows(mix, seed=seed, epoch=e) for e in range(epochs)]
     return pa.concat_tables(parts).select(["messages", "text"])
 
 
@@ -143,11 +144,12 @@ def prepare_tokens(cfg: TGConfig, *, corpus_dir: Path | None, out_dir: Path,
         corpus = Path(corpus_dir or cfg.mix.tg_corpus or cfg.run_dir / "corpus")
         tg, tg_stats = load_tg(corpus, retention_dialogues=cfg.eval.retention_dialogues)
     mix, mix_stats = build_mix(domain.examples, tg, tg_ratio=cfg.mix.tg_ratio, by=cfg.mix.by, seed=cfg.mix.seed,
-                               count_tokens=_count_tokens(tokenizer))
+                               epochs=tc.epochs, count_tokens=_count_tokens(tokenizer))
     mix_stats.update(tg_stats)
     write_mix(mix, mix_stats, out_dir / "mix")
-    log(f"mix: {mix_stats['domain_examples']} domain + {mix_stats['tg_examples']} TG rows "
-        f"(TG share {mix_stats['tg_share_examples']:.2f} of examples) -> {out_dir / 'mix'}")
+    log(f"mix: {mix_stats['domain_examples']} domain rows per epoch + {mix_stats['tg_examples']} TG rows over "
+        f"{tc.epochs} epoch(s) ({mix_stats['tg_unique']} distinct, each used at most {mix_stats['tg_max_uses']} "
+        f"time(s); TG share {mix_stats['tg_share_examples']:.2f} of examples) -> {out_dir / 'mix'}")
 
     t1 = time.monotonic()
     stream = training_stream(mix, epochs=tc.epochs, seed=cfg.mix.seed)

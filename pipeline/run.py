@@ -68,8 +68,9 @@ def _control_config(cfg: TGConfig, mix_manifest: Path) -> TGConfig:
     control.mix.tg_ratio = 0.0
     if cfg.train.max_steps:
         stats = read_json(mix_manifest) or {}
-        rows = stats.get("domain_examples", 0) + stats.get("tg_examples", 0)
-        share = stats.get("domain_examples", 0) / rows if rows else 1.0 - cfg.mix.tg_ratio
+        domain = stats.get("domain_examples", 0) * stats.get("epochs", 1)
+        rows = domain + stats.get("tg_examples", 0)
+        share = domain / rows if rows else 1.0 - cfg.mix.tg_ratio
         control.train.max_steps = max(1, round(cfg.train.max_steps * share))
     return control
 

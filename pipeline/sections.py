@@ -310,8 +310,8 @@ class DataConfig(Section):
 
 class MixConfig(Section):
     tg_ratio: float = Field(
-        0.5, ge=0, lt=1, description="Share of the mix that comes from the TG corpus (0 = domain only; < 1 because "
-        "every domain example is always used)."
+        0.5, ge=0, lt=1, description="TG share of each epoch (0 = domain only; < 1: every domain example is used); "
+        "each epoch draws its own TG rows, repeating one only once the corpus is used up."
     )
     by: Literal["examples", "tokens"] = Field("examples", description="The ratio counts examples or tokens.")
     seed: int = Field(0, description="Sampling and shuffling seed; each epoch reshuffles with seed + epoch.")

@@ -63,8 +63,11 @@ def test_loss_falls_and_mix_is_recorded(zero2):
     assert m["final_loss"] < 0.5 * m["initial_loss"], m["losses"]
     assert m["tokens"] > 0 and m["tokens_per_s"] > 0
     assert 0.3 < m["peak_rss_gib"] < 16  # a 135M model + DeepSpeed state, measured in the workers
-    # 8 domain examples + 2 TG rows (0.2 share); the held-out TG dialogues are not in the mix.
-    assert (m["mix"]["domain_examples"], m["mix"]["tg_examples"], m["mix"]["tg_heldout_excluded"]) == (8, 2, HELDOUT)
+    # 8 domain examples + 2 TG rows (0.2 share) per epoch, drawn afresh each epoch over 10 epochs (the 10 usable rows
+    # twice each); the held-out TG dialogues are not in the mix.
+    assert (m["mix"]["domain_examples"], m["mix"]["tg_examples_per_epoch"], m["mix"]["tg_heldout_excluded"]) == (
+        8, [2] * 10, HELDOUT)
+    assert (m["mix"]["tg_unique"], m["mix"]["tg_max_uses"]) == (N_TG - HELDOUT, 2)
     mix = pa.concat_tables([pq.read_table(p) for p in sorted((zero2["tmp"] / "a" / "mix").glob("part-*.parquet"))])
     assert sorted(set(mix.column("source").to_pylist())) == ["domain", "tg"]
     held = heldout_ids([f"tg{i:02d}" for i in range(N_TG)], HELDOUT)

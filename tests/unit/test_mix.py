@@ -117,6 +117,38 @@ def test_epochs_reshuffle_with_seed_plus_epoch():
     assert training_stream(mix, epochs=3, seed=3).slice(0, 16).equals(stream)
 
 
+def test_each_epoch_draws_fresh_tg_rows(tmp_path):
+    tg, _ = load_tg(_corpus(tmp_path, 50), retention_dialogues=0)
+    mix, stats = build_mix(_domain(20), tg, tg_ratio=0.5, seed=2, epochs=2)
+    tg_rows = [(r["id"], r["epoch"]) for r in mix.to_pylist() if r["source"] == "tg"]
+    per_epoch = [{i for i, e in tg_rows if e == k} for k in (0, 1)]
+    assert [len(p) for p in per_epoch] == [20, 20] and not per_epoch[0] & per_epoch[1]  # no row before all are used
+    assert all(r["epoch"] is None for r in mix.to_pylist() if r["source"] == "domain")
+    assert (stats["tg_examples"], stats["tg_examples_per_epoch"], stats["tg_unique"]) == (40, [20, 20], 40)
+    assert stats["tg_max_uses"] == 1 and stats["tg_repeated"] is False and stats["tg_share_examples"] == 0.5
+    stream = training_stream(mix, epochs=2, seed=2)
+    ids = {m[0]["content"] for m in stream.column("messages").to_pylist()}
+    assert len(stream) == 80 and {f"tg q{int(i[1:])}" for i in per_epoch[0] | per_epoch[1]} <= ids
+    # Three epochs of a 50-row corpus at 20 rows each: the third epoch starts the corpus again (10 rows twice).
+    mix3, stats3 = build_mix(_domain(20), tg, tg_ratio=0.5, seed=2, epochs=3)
+    assert (stats3["tg_unique"], stats3["tg_max_uses"], stats3["tg_repeats"]) == (50, 2, 10)
+    # More epochs extend the stream of fewer, and epoch 0's mix is the one-epoch mix.
+    assert training_stream(mix3, epochs=3, seed=2).slice(0, 80).equals(stream)
+    one, _ = build_mix(_domain(20), tg, tg_ratio=0.5, seed=2, epochs=1)
+    assert mix.slice(0, 40).equals(one)
+    with pytest.raises(ValueError, match="no TG rows for epoch 1"):
+        training_stream(one, epochs=2, seed=2)
+
+
+def test_each_epoch_draws_its_token_budget(tmp_path):
+    tg, _ = load_tg(_corpus(tmp_path, 200), retention_dialogues=0)
+    mix, stats = build_mix(_domain(30), tg, tg_ratio=0.5, by="tokens", seed=1, epochs=3, count_tokens=_words)
+    for e in range(3):
+        words = sum(_words(r["messages"], r["text"]) for r in mix.to_pylist() if r["epoch"] == e)
+        assert abs(words - 30 * 4) <= 3
+    assert abs(stats["tg_share_tokens"] - 0.5) < 0.02 and stats["tg_max_uses"] == 1
+
+
 def test_write_mix_parquet_and_manifest(tmp_path):
     mix, stats = build_mix(_domain(5), None, tg_ratio=0.0, seed=0)
     out = write_mix(mix, stats, tmp_path / "mix", shard_rows=2)
