@@ -1,0 +1,323 @@
+"""The forgetting study's verdict: ``forgetting_v2.{json,md,png}`` from the kept per-arm scorings.
+
+    .venv/bin/python benchmarks/forgetting_v2.py --arms-dir W/arms             # a forgetting.py work dir's arms
+    .venv/bin/python benchmarks/forgetting_v2.py --arms-dir W/arms --tag heldout --name forgetting_v2_heldout
+
+Reads ``<arms-dir>/<arm>/result-<tag>.json`` (or ``.json.gz``), as ``benchmarks/forgetting.py`` writes them (its
+``--eval-only --eval-data-dir`` re-scores every kept arm on other splits under another tag), and applies the
+pre-registered rules of ``benchmarks/STUDY.md``:
+
+- primary endpoint: the mean over the general tasks of each task's primary metric (``forgetting.PRIMARY_METRIC``),
+  as a paired difference on the same items with a 95 % bootstrap interval that resamples every task's items;
+- an arm trained with several seeds enters a comparison as its seed mean (per item, the mean score over seeds);
+- "TG prevents forgetting" needs ``tg_balance`` minus ``domain`` above 0 with the domain still learned (held-out
+  domain NLL within 10 % of domain-only's); the share of domain-only's drop each arm prevented is
+  :func:`pipeline.stats.prevented_share`, stated only when domain-only's drop is itself outside noise.
+
+Nothing is trained or served; the verdict paragraph is written from the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from forgetting import PRIMARY_METRIC, TASKS, paired_vs, parse_label  # noqa: E402
+
+EXTRA_SOURCE = {"tg_balance": "TG Balance-Tree corpus (self-generated)", "tg_wide": "TG Wide-Tree corpus "
+                "(self-generated)", "replay_lima": "LIMA human-written conversations", "replay_gsm8k": "GSM8K train"}
+# (compared arm, reference arm): every arm against base and domain, plus the study's head-to-head questions
+HEAD_TO_HEAD = [("tg_balance", "replay_lima"), ("tg_balance", "domain_lora"), ("tg_balance", "tg_wide"),
+                ("tg_balance", "domain_equal_steps")]
+SECONDARY = {"domain_nll": ("domain_nll", "nll"), "lima_heldout_nll": ("lima_heldout_nll", "nll"),
+             "retention_nll": ("retention", "nll")}
+DOMAIN_NLL_TOLERANCE = 0.10
+
+
+def label_of(folder: str) -> str:
+    """Arm label of an arms folder (``forgetting.run_name`` reversed): ``domain-s1`` -> ``domain@s1``."""
+    return re.sub(r"-s(\d+)$", r"@s\1", folder)
+
+
+def load_results(arms_dir: Path, tag: str) -> dict[str, dict]:
+    """``{label: result}`` for every arm folder with a ``result-<tag>.json`` or ``.json.gz``."""
+    out = {}
+    for d in sorted(p for p in arms_dir.iterdir() if p.is_dir()):
+        for name, opener in ((f"result-{tag}.json", open), (f"result-{tag}.json.gz", gzip.open)):
+            if (d / name).is_file():
+                with opener(d / name, "rt") as f:
+                    out[label_of(d.name)] = json.load(f)
+                break
+    return out
+
+
+def seed_mean(results: dict[str, dict], arm: str) -> tuple[dict | None, list[int]]:
+    """A result whose per-item task scores are the mean over the arm's seeds (items every seed scored), and the
+    seeds; the arm's only result when it has one seed; None when it has none."""
+    labels = [lb for lb in results if parse_label(lb)[0] == arm]
+    seeds = sorted(parse_label(lb)[1] for lb in labels)
+    if len(labels) < 2:
+        return (results[labels[0]] if labels else None), seeds
+    tasks = {}
+    for task in results[labels[0]]["tasks"]:
+        per = [results[lb]["tasks"].get(task, {}).get("items") or {} for lb in labels]
+        ids = [i for i in per[0].get("ids", []) if all(i in set(p.get("ids", [])) for p in per[1:])]
+        items: dict = {"ids": ids}
+        for metric in set(per[0]) - {"ids"}:
+            look = [dict(zip(p["ids"], p[metric])) for p in per if metric in p]
+            if len(look) == len(per):
+                items[metric] = [sum(lk[i] for lk in look) / len(look) for i in ids]
+        tasks[task] = {"items": items}
+    return {"tasks": tasks}, seeds
+
+
+def _value(result: dict, key: str, metric: str) -> dict | None:
+    m = (result.get(key) or {}).get("metrics", {}).get(metric)
+    return {"value": m["value"], "stderr": m.get("stderr")} if m else None
+
+
+def arm_entry(label: str, result: dict, tasks: list[str]) -> dict:
+    """One arm and seed as the issue's ``arms`` entry: training facts, per-task results with ``n``, secondaries."""
+    arm, seed = parse_label(label)
+    train = result.get("train") or {}
+    mix = train.get("mix") or {}
+    per_task = {}
+    for task in tasks:
+        t = result.get("tasks", {}).get(task)
+        if t:
+            per_task[task] = {"n": t.get("n"), "primary_metric": PRIMARY_METRIC.get(task, "acc"),
+                              **{m: v["value"] for m, v in t["metrics"].items()}}
+    entry = {"name": arm, "seed": seed, "steps": train.get("steps"), "tokens": train.get("tokens"),
+             "domain_examples": mix.get("domain_examples"), "extra_source": EXTRA_SOURCE.get(arm),
+             "extra_token_share": mix.get("tg_share_tokens") if arm in EXTRA_SOURCE else 0.0,
+             "extra_max_uses": mix.get("tg_max_uses") if arm in EXTRA_SOURCE else None,
+             "epochs": (train.get("train") or {}).get("epochs"), "tasks": per_task,
+             "domain_token_f1": _value(result, "domain", "token_f1"),
+             "kl_to_base": ({"value": result["kl"]["value"], "stderr": result["kl"].get("stderr")}
+                            if result.get("kl") else None)}
+    entry.update({k: _value(result, key, metric) for k, (key, metric) in SECONDARY.items()})
+    return entry
+
+
+def comparisons(results: dict[str, dict], tasks: list[str]) -> list[dict]:
+    """Paired differences (compared minus reference) on the same items: every arm against base, every other arm
+    against domain (seed means), and the head-to-head pairs; each with the primary endpoint and per-task deltas."""
+    arms = list(dict.fromkeys(parse_label(lb)[0] for lb in results))
+    means = {a: seed_mean(results, a) for a in arms}
+    pairs = [(a, "base") for a in arms if a != "base"]
+    pairs += [(a, "domain") for a in arms if a not in ("base", "domain")]
+    pairs += [p for p in HEAD_TO_HEAD if p[0] in arms and p[1] in arms]
+    out = []
+    for arm, ref in pairs:
+        if ref not in means or means[ref][0] is None:
+            continue
+        pv = paired_vs({arm: means[arm][0], ref: means[ref][0]}, arm, ref, tasks=tasks)
+        out.append({"arm": arm, "reference": ref, "seeds": means[arm][1], "reference_seeds": means[ref][1],
+                    "primary": pv.get("primary"), "mean": pv.get("mean"),
+                    "tasks": {t: {m: {k: d[k] for k in ("delta", "ci95", "n")} for m, d in v.items()}
+                              for t, v in pv["tasks"].items()}})
+    return out
+
+
+def prevented(results: dict[str, dict], tasks: list[str]) -> dict[str, dict]:
+    """Per extra arm: the share of domain-only's primary-endpoint drop it prevented (seed means)."""
+    from pipeline.stats import prevented_share
+
+    base, domain = seed_mean(results, "base")[0], seed_mean(results, "domain")[0]
+    if not base or not domain:
+        return {}
+    out = {}
+    for arm in dict.fromkeys(parse_label(lb)[0] for lb in results):
+        variant = seed_mean(results, arm)[0] if arm not in ("base", "domain") else None
+        if not variant:
+            continue
+        triples = []
+        for task in tasks:
+            m = PRIMARY_METRIC.get(task, "acc")
+            its = [r["tasks"].get(task, {}).get("items") or {} for r in (base, domain, variant)]
+            if all(m in i for i in its):
+                look = [dict(zip(i["ids"], i[m])) for i in its]
+                ids = [x for x in its[0]["ids"] if x in look[1] and x in look[2]]
+                triples.append(tuple([lk[x] for x in ids] for lk in look))
+        if triples:
+            out[arm] = prevented_share(triples, iters=2000, seed=0)
+    return out
+
+
+def _ci(d: dict | None, digits: int = 3) -> str:
+    return "–" if not d else f"{d['delta']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]"
+
+
+def _side(d: dict) -> int:
+    """+1 / -1 when the 95 % interval lies above / below 0, else 0."""
+    lo, hi = d["ci95"]
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def _mean_of(entries: list[dict], arm: str, key: str) -> float | None:
+    vals = [e[key]["value"] for e in entries if e["name"] == arm and e.get(key)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict]) -> str:
+    """The verdict paragraph, by the pre-registered rules (module docstring), from the numbers alone."""
+    c = {(x["arm"], x["reference"]): x for x in comps if x.get("primary")}
+    dom = c.get(("domain", "base"))
+    if not dom:
+        return "No domain-only arm has been scored against base: no verdict yet."
+    seeds = ", ".join(map(str, dom["seeds"]))
+    side = _side(dom["primary"])
+    text = [f"On the pre-registered primary endpoint (mean over {len(dom['primary']['tasks'])} general tasks of "
+            f"each task's primary metric, {dom['primary']['n']} paired items), domain-only SFT (seed {seeds}) moved "
+            f"by {_ci(dom['primary'])} against base: " +
+            {-1: "a measurable loss.", 0: "no measurable change, so there was no drop for any arm to prevent.",
+             1: "a measurable gain, so there was no drop for any arm to prevent."}[side]]
+    for arm in [a for a in EXTRA_SOURCE if (a, "domain") in c] + [a for a in ("domain_lora", "domain_equal_steps")
+                                                                   if (a, "domain") in c]:
+        line = f"{arm} minus domain-only: {_ci(c[arm, 'domain']['primary'])}"
+        share = prev.get(arm) or {}
+        if side < 0 and share.get("share") is not None and share.get("ci95"):
+            lo, hi = share["ci95"]
+            line += f", {share['share']:.0%} of domain-only's drop prevented [{lo:.0%}, {hi:.0%}]"
+        text.append(line + ".")
+    d_nll = _mean_of(entries, "domain", "domain_nll")
+    tg = c.get(("tg_balance", "domain"))
+    if tg:
+        tg_nll = _mean_of(entries, "tg_balance", "domain_nll")
+        learned = d_nll is not None and tg_nll is not None and tg_nll <= d_nll * (1 + DOMAIN_NLL_TOLERANCE)
+        rule = _side(tg["primary"])
+        if rule > 0 and learned and side < 0:
+            claim = "TG prevents forgetting by the pre-registered rule"
+        elif rule > 0:
+            claim = ("TG scored above domain-only, but the rule's other condition fails (" +
+                     ("domain-only did not forget" if side >= 0 else "the domain was not learned as well") + ")")
+        else:
+            claim = "TG does no better than domain-only" if rule == 0 else "TG forgets more than domain-only"
+        text.append(f"{claim} (tg_balance seeds {', '.join(map(str, tg['seeds']))}; held-out domain NLL "
+                    f"{tg_nll:.3f} against domain-only's {d_nll:.3f}).")
+        for ref, what in (("replay_lima", "human-data replay (LIMA)"), ("domain_lora", "LoRA")):
+            if ("tg_balance", ref) in c:
+                s = _side(c["tg_balance", ref]["primary"])
+                text.append(f"Against {what}: tg_balance minus {ref} {_ci(c['tg_balance', ref]['primary'])}, "
+                            + {1: "TG did better.", 0: "no measurable difference.", -1: f"{ref} did better."}[s])
+        steps = c.get(("domain_equal_steps", "domain"))
+        if steps:
+            a, b = steps["primary"]["ci95"], tg["primary"]["ci95"]
+            overlap = a[0] <= b[1] and b[0] <= a[1]
+            text.append("Training domain-only for as many steps as tg_balance moved it by "
+                        f"{_ci(steps['primary'])}: " + ("overlapping TG's effect, so it is credited to the steps."
+                                                        if overlap else "apart from TG's effect."))
+    costs = [f"{a} {v:.3f}" for a in dict.fromkeys(e["name"] for e in entries)
+             if (v := _mean_of(entries, a, "domain_nll")) is not None]
+    f1 = [f"{a} {v:.3f}" for a in dict.fromkeys(e["name"] for e in entries)
+          if (v := _mean_of(entries, a, "domain_token_f1")) is not None]
+    text.append("Domain cost: held-out domain NLL " + ", ".join(costs) + "; greedy token F1 " + ", ".join(f1) + ".")
+    if side < 0 and tg:
+        holds = _side(tg["primary"]) > 0
+        text.append("The paper's claim that mixing the self-generated corpus reduces forgetting "
+                    + ("holds at this scale." if holds else "does not hold at this scale."))
+    else:
+        text.append("The paper's claim cannot be tested at this scale: domain-only SFT in this regime did not "
+                    "lose general-task accuracy measurably.")
+    return " ".join(text)
+
+
+def summarize(results: dict[str, dict], tasks: list[str]) -> dict:
+    """The ``forgetting_v2`` JSON: arms, items per task, comparisons, prevented shares and the verdict."""
+    base = results.get("base", {})
+    entries = [arm_entry(label, r, tasks) for label, r in results.items()]
+    comps = comparisons(results, tasks)
+    prev = prevented(results, tasks)
+    return {"arms": entries,
+            "items_per_task": {t: (base.get("tasks", {}).get(t) or {}).get("n") for t in tasks},
+            "primary_metric": {t: PRIMARY_METRIC.get(t, "acc") for t in tasks},
+            "comparisons": comps, "prevented_share": prev, "verdict": verdict(comps, prev, entries)}
+
+
+def _cell(v: dict | None, digits: int = 3) -> str:
+    if not v:
+        return "–"
+    return f"{v['value']:.{digits}f}" + (f" ± {v['stderr']:.{digits}f}" if v.get("stderr") is not None else "")
+
+
+def write_markdown(data: dict, tasks: list[str], path: Path, *, title: str) -> None:
+    short = {t: t.removeprefix("tgsft_") for t in tasks}
+    lines = [f"# {title}", "", data["verdict"], "",
+             "| arm | seed | steps | extra | extra token share | " + " | ".join(
+                 f"{short[t]} ({data['primary_metric'][t]})" for t in tasks) +
+             " | domain NLL | domain F1 | LIMA NLL | KL to base |", "|---|" * 1 + "---|" * (8 + len(tasks))]
+    for e in data["arms"]:
+        share = e["extra_token_share"]
+        lines.append(f"| {e['name']} | {e['seed']} | {e['steps'] or '–'} | {e['extra_source'] or '–'} | "
+                     f"{'–' if share is None else f'{share:.2f}'} | " +
+                     " | ".join(f"{e['tasks'][t][e['tasks'][t]['primary_metric']]:.3f}" if t in e["tasks"] else "–"
+                                for t in tasks) +
+                     f" | {_cell(e['domain_nll'])} | {_cell(e['domain_token_f1'])} | "
+                     f"{_cell(e['lima_heldout_nll'])} | {_cell(e['kl_to_base'], 4)} |")
+    lines += ["", "Paired differences on the same items (compared minus reference; 95 % paired bootstrap interval; "
+              "seed means for arms with several seeds):", "",
+              "| compared | reference | primary endpoint | " + " | ".join(short[t] for t in tasks) + " |",
+              "|---|---|---|" + "---|" * len(tasks)]
+    for x in data["comparisons"]:
+        cells = [_ci((x["tasks"].get(t) or {}).get(data["primary_metric"][t])) for t in tasks]
+        lines.append(f"| {x['arm']} | {x['reference']} | {_ci(x['primary'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Items per task: " + ", ".join(f"{short[t]} {n}" for t, n in data["items_per_task"].items()), ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(data: dict, path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, ref in zip(axes, ("base", "domain")):
+        rows = [x for x in data["comparisons"] if x["reference"] == ref and x.get("primary")]
+        ys = [x["primary"]["delta"] for x in rows]
+        err = [[y - x["primary"]["ci95"][0] for x, y in zip(rows, ys)],
+               [x["primary"]["ci95"][1] - y for x, y in zip(rows, ys)]]
+        ax.bar(range(len(rows)), ys, yerr=err, capsize=4, color="tab:blue")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(rows)), [x["arm"] for x in rows], rotation=20, fontsize=8)
+        ax.set_ylabel(f"primary endpoint, arm minus {ref}")
+        ax.set_title(f"vs {ref} (95 % paired bootstrap)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arms-dir", type=Path, required=True, help="folder of <arm>/result-<tag>.json[.gz]")
+    p.add_argument("--tag", default="dev", help="which scoring (result-<tag>.json)")
+    p.add_argument("--tasks", nargs="+", default=TASKS)
+    p.add_argument("--name", default="forgetting_v2", help="result file stem")
+    p.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--title", default="Does TG-SFT prevent forgetting? (SmolLM2-135M-Instruct, Code Alpaca)")
+    args = p.parse_args(argv)
+    results = load_results(args.arms_dir, args.tag)
+    if "base" not in results:
+        raise SystemExit(f"{args.arms_dir}: no base/result-{args.tag}.json[.gz]; nothing to compare against")
+    data = {"arms_dir": str(args.arms_dir), "tag": args.tag, **summarize(results, args.tasks)}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / args.name
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    write_markdown(data, args.tasks, out.with_suffix(".md"), title=args.title)
+    plot(data, out.with_suffix(".png"), title=args.title)
+    print(data["verdict"])
+    print(f"wrote {out}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The study's verdict writer (benchmarks/forgetting_v2.py) on synthetic per-item scorings with known effects:
+seed means, paired comparisons, prevented shares and the rule-based verdict."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+_spec = importlib.util.spec_from_file_location("forgetting_v2", REPO / "benchmarks" / "forgetting_v2.py")
+v2 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(v2)
+
+TASKS = ["tgsft_arc_easy", "tgsft_sciq"]
+N = 600
+
+
+def _result(correct: np.ndarray, *, nll: float, steps: int | None = None, share: float | None = None) -> dict:
+    """A scoring whose primary metric is ``correct`` on both tasks (acc_norm for ARC-Easy, acc for SciQ)."""
+    ids = [f"i{k}" for k in range(N)]
+    tasks = {t: {"n": N, "metrics": {"acc": {"value": float(correct.mean())},
+                                     "acc_norm": {"value": float(correct.mean())}},
+                 "items": {"ids": ids, "acc": correct.tolist(), "acc_norm": correct.tolist()}} for t in TASKS}
+    out = {"tasks": tasks, "domain_nll": {"metrics": {"nll": {"value": nll, "stderr": 0.01}}},
+           "domain": {"metrics": {"token_f1": {"value": 0.3, "stderr": 0.01}}}}
+    if steps:
+        out["train"] = {"steps": steps, "mix": {"domain_examples": 100, "tg_share_tokens": share, "tg_max_uses": 2}}
+    return out
+
+
+def _arms(tmp_path: Path, *, tg_recovers: bool) -> Path:
+    rng = np.random.default_rng(0)
+    base = (rng.random(N) < 0.6).astype(float)
+    lost = rng.random(N) < 0.25  # domain-only forgets a quarter of the items base knew
+    domain = np.where(lost, 0.0, base)
+    tg = base.copy() if tg_recovers else domain.copy()
+    arms = {"base": _result(base, nll=1.0), "domain": _result(domain, nll=0.80, steps=100),
+            "domain-s1": _result(domain, nll=0.82, steps=100),
+            "tg_balance": _result(tg, nll=0.84, steps=140, share=0.3),
+            "tg_balance-s1": _result(tg, nll=0.86, steps=140, share=0.3),
+            "replay_lima": _result(domain, nll=0.83, steps=140, share=0.3)}
+    for name, r in arms.items():
+        (tmp_path / name).mkdir(parents=True)
+        with gzip.open(tmp_path / name / "result-dev.json.gz", "wt") as f:  # committed scorings are gzipped
+            json.dump(r, f)
+    return tmp_path
+
+
+def test_labels_and_seed_means(tmp_path):
+    assert v2.label_of("domain-s1") == "domain@s1" and v2.label_of("domain_equal_steps") == "domain_equal_steps"
+    results = v2.load_results(_arms(tmp_path, tg_recovers=True), "dev")
+    assert set(results) == {"base", "domain", "domain@s1", "tg_balance", "tg_balance@s1", "replay_lima"}
+    mean, seeds = v2.seed_mean(results, "domain")
+    assert seeds == [0, 1]
+    assert mean["tasks"]["tgsft_sciq"]["items"]["acc"] == results["domain"]["tasks"]["tgsft_sciq"]["items"]["acc"]
+
+
+def test_tg_that_keeps_what_base_knew_prevents_forgetting(tmp_path):
+    data = v2.summarize(v2.load_results(_arms(tmp_path, tg_recovers=True), "dev"), TASKS)
+    comps = {(c["arm"], c["reference"]): c for c in data["comparisons"]}
+    drop = comps["domain", "base"]["primary"]
+    assert drop["delta"] < 0 and drop["ci95"][1] < 0 and drop["n"] == 2 * N
+    assert comps["tg_balance", "base"]["primary"]["delta"] == 0.0
+    assert comps["tg_balance", "domain"]["primary"]["delta"] == -drop["delta"]
+    assert comps["tg_balance", "domain"]["seeds"] == [0, 1]
+    assert data["prevented_share"]["tg_balance"]["share"] == 1.0
+    assert data["prevented_share"]["replay_lima"]["share"] == 0.0
+    assert data["items_per_task"] == {t: N for t in TASKS}
+    entry = next(e for e in data["arms"] if e["name"] == "tg_balance" and e["seed"] == 1)
+    assert (entry["steps"], entry["extra_token_share"], entry["extra_source"].startswith("TG Balance")) == (140, 0.3,
+                                                                                                          True)
+    assert entry["tasks"]["tgsft_arc_easy"]["n"] == N
+    assert "TG prevents forgetting by the pre-registered rule" in data["verdict"]
+    assert "tg_balance minus replay_lima" in data["verdict"] and "TG did better" in data["verdict"]
+    assert "holds at this scale" in data["verdict"] and "100% of domain-only's drop prevented" in data["verdict"]
+
+
+def test_tg_that_forgets_like_domain_does_no_better(tmp_path):
+    data = v2.summarize(v2.load_results(_arms(tmp_path, tg_recovers=False), "dev"), TASKS)
+    assert "TG does no better than domain-only" in data["verdict"]
+    assert "does not hold at this scale" in data["verdict"]
+
+
+def test_main_writes_json_markdown_and_png(tmp_path):
+    arms = _arms(tmp_path / "arms", tg_recovers=True)
+    assert v2.main(["--arms-dir", str(arms), "--results-dir", str(tmp_path / "out"), "--tasks", *TASKS]) == 0
+    data = json.loads((tmp_path / "out" / "forgetting_v2.json").read_text())
+    assert {"arms", "items_per_task", "comparisons", "verdict"} <= set(data)
+    md = (tmp_path / "out" / "forgetting_v2.md").read_text()
+    assert data["verdict"] in md and "| tg_balance | domain |" in md
+    assert (tmp_path / "out" / "forgetting_v2.png").stat().st_size > 5_000
