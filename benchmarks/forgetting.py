@@ -363,7 +363,28 @@ def _score(args, label: str, model: Path, files: tuple[Path, Path], url: str) ->
     out = arm_dir(args, label) / f"result-{args.tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"{label}: eval done in {result['eval_seconds_total']:.0f} s -> {out}")
+    add_kl(args, label, model, result, files)
     return result
+
+
+def add_kl(args, label: str, model: Path, result: dict, files: tuple[Path, Path]) -> bool:
+    """Add ``kl`` (KL(base || arm) per token on the config's ``eval.kl_prompts`` generic dialogues, exact, on this
+    CPU: ``pipeline.probes.drift_probes``) to a trained arm's result and rewrite its result file; False when there is
+    nothing to add (base, no prompts, already there, no model)."""
+    from pipeline.model import resolve_model
+    from pipeline.probes import drift_probes, generic_rows
+
+    cfg = arm_config(args, label, train_file=files[0], heldout_file=files[1])
+    if label == "base" or not cfg.eval.kl_prompts or "kl" in result or not (model / "config.json").is_file():
+        return False
+    arm = run_name(label)
+    probes = drift_probes({"base": resolve_model(cfg.model, log=log), arm: str(model)}, reference_id="base",
+                          kl_rows=generic_rows(cfg.eval.kl_prompts), text_rows=[], max_len=cfg.model.max_model_len,
+                          trust_remote_code=cfg.model.trust_remote_code, log=log)
+    result["kl"] = probes[arm]["kl"]
+    (arm_dir(args, label) / f"result-{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    log(f"{label}: KL to base {result['kl']['value']:.4f} on {result['kl']['n']} generic dialogues")
+    return True
 
 
 def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> dict[str, dict]:
@@ -379,6 +400,7 @@ def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> 
         if stored is None:
             todo[arm] = model
         else:
+            add_kl(args, arm, model, stored, files)  # scorings kept from before the KL probe was added
             results[arm] = stored
     names = list(todo)
     for i in range(0, len(names), args.serve_group):

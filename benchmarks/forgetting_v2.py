@@ -40,6 +40,7 @@ HEAD_TO_HEAD = [("tg_balance", "replay_lima"), ("tg_balance", "domain_lora"), ("
 SECONDARY = {"domain_nll": ("domain_nll", "nll"), "lima_heldout_nll": ("lima_heldout_nll", "nll"),
              "retention_nll": ("retention", "nll")}
 DOMAIN_NLL_TOLERANCE = 0.10
+EXTRA_ARMS = (*EXTRA_SOURCE, "domain_lora", "domain_equal_steps")
 
 
 def label_of(folder: str) -> str:
@@ -180,6 +181,10 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict]) -> st
             f"by {_ci(dom['primary'])} against base: " +
             {-1: "a measurable loss.", 0: "no measurable change, so there was no drop for any arm to prevent.",
              1: "a measurable gain, so there was no drop for any arm to prevent."}[side]]
+    others = [a for (a, r) in c if r == "base" and a.startswith("domain_") and a not in EXTRA_ARMS]
+    if others:
+        text.append("Other domain-only settings against base: " +
+                    ", ".join(f"{a} {_ci(c[a, 'base']['primary'])}" for a in others) + ".")
     for arm in [a for a in EXTRA_SOURCE if (a, "domain") in c] + [a for a in ("domain_lora", "domain_equal_steps")
                                                                    if (a, "domain") in c]:
         line = f"{arm} minus domain-only: {_ci(c[arm, 'domain']['primary'])}"
