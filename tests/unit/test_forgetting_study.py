@@ -88,6 +88,20 @@ def test_arm_configs_for_lora_equal_steps_and_seeds(tmp_path):
     assert (eq.train.max_steps, eq.train.epochs, eq.mix.tg_ratio) == (7, 5, 0)
 
 
+def test_kl_is_added_only_to_a_trained_arm_with_prompts_and_a_model(tmp_path):
+    args = Namespace(work_dir=tmp_path, eval_data_dir=tmp_path / "eval", tasks=TASKS, limit=5, set=[],
+                     config=forgetting.CONFIG, lora_lr=None, lima_heldout=100, tag="dev")
+    files = (tmp_path / "train.json", tmp_path / "heldout.json")
+    model = tmp_path / "model"
+    # forgetting.yaml asks for no KL prompts; study.yaml asks for 32, but base, a kept KL or a missing model add none
+    assert forgetting.add_kl(args, "domain", model, {}, files) is False
+    args.config = forgetting.CONFIG.parent / "study.yaml"
+    assert forgetting.add_kl(args, "base", model, {}, files) is False
+    assert forgetting.add_kl(args, "domain", model, {"kl": {"value": 0.1}}, files) is False
+    assert forgetting.add_kl(args, "domain", model, {}, files) is False  # no config.json in model/
+    assert not list(tmp_path.rglob("result-*.json"))
+
+
 def _result(acc: dict[str, list[float]], nll: float) -> dict:
     tasks = {t: {"n": len(v), "metrics": {"acc": {"value": sum(v) / len(v), "stderr": 0.1}},
                  "items": {"ids": list(range(len(v))), "acc": v, "acc_norm": v}} for t, v in acc.items()}
