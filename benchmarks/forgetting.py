@@ -30,8 +30,8 @@ on the offline mirrors, the domain task and the retention probe). The general ta
 (default ``<shared-data>/eval``), so other splits in the same upstream formats are scored without code changes.
 
 Extra measurements beside ``evaluate``: the domain NLL (mean NLL per assistant token of held-out Code Alpaca
-examples, the retention probe's code on domain dialogues), the same NLL on the LIMA held-out rows, and the
-retention probe on the Wide-Tree corpus too. The summary adds, per arm against ``base`` and against ``domain`` (the
+examples, the retention probe's code on domain dialogues), the same NLL on the LIMA held-out rows, the
+retention probe on the Wide-Tree corpus too, and KL(base || arm) on ``eval.kl_prompts`` generic dialogues. The summary adds, per arm against ``base`` and against ``domain`` (the
 same seed's when scored), paired differences on the same items for each task's acc and acc_norm and their mean over
 tasks (95 % paired bootstrap intervals, ``pipeline.stats``), and min / max / mean over seeds of re-seeded arms.
 
