@@ -31,8 +31,8 @@ on the offline mirrors, the domain task and the retention probe). The general ta
 
 Extra measurements beside ``evaluate``: the domain NLL (mean NLL per assistant token of held-out Code Alpaca
 examples, the retention probe's code on domain dialogues), the same NLL on the LIMA held-out rows, the
-retention probe on the Wide-Tree corpus too, and KL(base || arm) on ``eval.kl_prompts`` generic dialogues. The summary adds, per arm against ``base`` and against ``domain`` (the
-same seed's when scored), paired differences on the same items for each task's acc and acc_norm and their mean over
+retention probe on the Wide-Tree corpus too, and KL(base || arm) on ``eval.kl_prompts`` generic dialogues. The
+summary adds, per arm against ``base`` and against ``domain`` (the same seed's when scored), paired differences on the same items for each task's acc and acc_norm and their mean over
 tasks (95 % paired bootstrap intervals, ``pipeline.stats``), and min / max / mean over seeds of re-seeded arms.
 
 Everything is written under ``--work-dir`` (default /tmp/tgsft-forgetting): ``data/``, ``corpus_<preset>/``,
@@ -360,17 +360,17 @@ def _score(args, label: str, model: Path, files: tuple[Path, Path], url: str) ->
         m = json.loads(manifest.read_text())
         result["train"] = {k: m.get(k) for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss",
                                                  "train_seconds", "mix", "tokenization", "train")}
+    add_kl(args, label, model, result, files)
     out = arm_dir(args, label) / f"result-{args.tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     log(f"{label}: eval done in {result['eval_seconds_total']:.0f} s -> {out}")
-    add_kl(args, label, model, result, files)
     return result
 
 
 def add_kl(args, label: str, model: Path, result: dict, files: tuple[Path, Path]) -> bool:
     """Add ``kl`` (KL(base || arm) per token on the config's ``eval.kl_prompts`` generic dialogues, exact, on this
-    CPU: ``pipeline.probes.drift_probes``) to a trained arm's result and rewrite its result file; False when there is
-    nothing to add (base, no prompts, already there, no model)."""
+    CPU: ``pipeline.probes.drift_probes``) to a trained arm's result; False when there is nothing to add (base, no
+    prompts, already there, no model)."""
     from pipeline.model import resolve_model
     from pipeline.probes import drift_probes, generic_rows
 
@@ -382,7 +382,6 @@ def add_kl(args, label: str, model: Path, result: dict, files: tuple[Path, Path]
                           kl_rows=generic_rows(cfg.eval.kl_prompts), text_rows=[], max_len=cfg.model.max_model_len,
                           trust_remote_code=cfg.model.trust_remote_code, log=log)
     result["kl"] = probes[arm]["kl"]
-    (arm_dir(args, label) / f"result-{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     log(f"{label}: KL to base {result['kl']['value']:.4f} on {result['kl']['n']} generic dialogues")
     return True
 
@@ -400,7 +399,8 @@ def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> 
         if stored is None:
             todo[arm] = model
         else:
-            add_kl(args, arm, model, stored, files)  # scorings kept from before the KL probe was added
+            if add_kl(args, arm, model, stored, files):  # scorings kept from before the KL probe was added
+                (arm_dir(args, arm) / f"result-{args.tag}.json").write_text(json.dumps(stored, indent=2) + "\n")
             results[arm] = stored
     names = list(todo)
     for i in range(0, len(names), args.serve_group):

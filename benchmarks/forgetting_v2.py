@@ -70,7 +70,8 @@ def seed_mean(results: dict[str, dict], arm: str) -> tuple[dict | None, list[int
     tasks = {}
     for task in results[labels[0]]["tasks"]:
         per = [results[lb]["tasks"].get(task, {}).get("items") or {} for lb in labels]
-        ids = [i for i in per[0].get("ids", []) if all(i in set(p.get("ids", [])) for p in per[1:])]
+        others = [set(p.get("ids", [])) for p in per[1:]]
+        ids = [i for i in per[0].get("ids", []) if all(i in o for o in others)]
         items: dict = {"ids": ids}
         for metric in set(per[0]) - {"ids"}:
             look = [dict(zip(p["ids"], p[metric])) for p in per if metric in p]
@@ -108,11 +109,16 @@ def arm_entry(label: str, result: dict, tasks: list[str]) -> dict:
     return entry
 
 
-def comparisons(results: dict[str, dict], tasks: list[str]) -> list[dict]:
-    """Paired differences (compared minus reference) on the same items: every arm against base, every other arm
-    against domain (seed means), and the head-to-head pairs; each with the primary endpoint and per-task deltas."""
-    arms = list(dict.fromkeys(parse_label(lb)[0] for lb in results))
-    means = {a: seed_mean(results, a) for a in arms}
+def seed_means(results: dict[str, dict]) -> dict[str, tuple[dict | None, list[int]]]:
+    """:func:`seed_mean` of every arm, in the order the arms first appear."""
+    return {a: seed_mean(results, a) for a in dict.fromkeys(parse_label(lb)[0] for lb in results)}
+
+
+def comparisons(means: dict[str, tuple[dict | None, list[int]]], tasks: list[str]) -> list[dict]:
+    """Paired differences (compared minus reference) on the same items (``means``: :func:`seed_means`): every arm
+    against base, every other arm against domain, and the head-to-head pairs; each with the primary endpoint and
+    per-task deltas."""
+    arms = list(means)
     pairs = [(a, "base") for a in arms if a != "base"]
     pairs += [(a, "domain") for a in arms if a not in ("base", "domain")]
     pairs += [p for p in HEAD_TO_HEAD if p[0] in arms and p[1] in arms]
@@ -128,16 +134,17 @@ def comparisons(results: dict[str, dict], tasks: list[str]) -> list[dict]:
     return out
 
 
-def prevented(results: dict[str, dict], tasks: list[str]) -> dict[str, dict]:
-    """Per extra arm: the share of domain-only's primary-endpoint drop it prevented (seed means)."""
+def prevented(means: dict[str, tuple[dict | None, list[int]]], tasks: list[str]) -> dict[str, dict]:
+    """Per extra arm: the share of domain-only's primary-endpoint drop it prevented (``means``: :func:`seed_means`)."""
     from pipeline.stats import prevented_share
 
-    base, domain = seed_mean(results, "base")[0], seed_mean(results, "domain")[0]
+    base, domain = (means.get(a, (None, []))[0] for a in ("base", "domain"))
     if not base or not domain:
         return {}
     out = {}
-    for arm in dict.fromkeys(parse_label(lb)[0] for lb in results):
-        variant = seed_mean(results, arm)[0] if arm not in ("base", "domain") else None
+    for arm, (variant, _) in means.items():
+        if arm in ("base", "domain"):
+            continue
         if not variant:
             continue
         triples = []
@@ -239,8 +246,9 @@ def summarize(results: dict[str, dict], tasks: list[str]) -> dict:
     """The ``forgetting_v2`` JSON: arms, items per task, comparisons, prevented shares and the verdict."""
     base = results.get("base", {})
     entries = [arm_entry(label, r, tasks) for label, r in results.items()]
-    comps = comparisons(results, tasks)
-    prev = prevented(results, tasks)
+    means = seed_means(results)
+    comps = comparisons(means, tasks)
+    prev = prevented(means, tasks)
     return {"arms": entries,
             "items_per_task": {t: (base.get("tasks", {}).get(t) or {}).get("n") for t in tasks},
             "primary_metric": {t: PRIMARY_METRIC.get(t, "acc") for t in tasks},
