@@ -38,12 +38,14 @@ tasks (95 % paired bootstrap intervals, ``pipeline.stats``), and min / max / mea
 Everything is written under ``--work-dir`` (default /tmp/tgsft-forgetting): ``data/``, ``corpus_<preset>/``,
 ``arms/<arm>/train/model`` and ``arms/<arm>/result-<tag>.json``. Each step is skipped when its output exists, so a
 crash only redoes the unfinished arm. All arms are trained first, then scored ``--serve-group`` at a time on one Ray
-Serve app (one start-up per group). The summary goes to ``benchmarks/results/<name>.{json,md,png}``.
+Serve app (one start-up per group). A kept scoring is reused; when a retention probe's corpus was made anew since,
+only that probe is scored again. The summary goes to ``benchmarks/results/<name>.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -329,31 +331,80 @@ def _stored_result(args, label: str) -> dict | None:
     return None
 
 
+def probe_dialogues(args, cfg) -> dict[str, list[dict]]:
+    """The held-out TG dialogues of each retention probe whose corpus exists, by result key: ``retention`` (the
+    Balance-Tree corpus, scored inside ``evaluate``) and ``retention_wide`` (the Wide-Tree corpus)."""
+    from pipeline.evaluate import _heldout_dialogues
+
+    out = {}
+    for key, preset in (("retention", "balance"), ("retention_wide", "wide")):
+        corpus = args.work_dir / f"corpus_{preset}"
+        if cfg.eval.retention_dialogues and (corpus / "dialogues").is_dir():
+            out[key] = _heldout_dialogues(corpus, cfg.eval.retention_dialogues)
+    return out
+
+
+def probe_digest(dialogues: list[dict]) -> str:
+    """sha256 of a probe's dialogues (ids and texts): a corpus made anew can reuse node ids with other texts."""
+    return hashlib.sha256(json.dumps(dialogues, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stale_probes(result: dict, probes: dict[str, list[dict]]) -> list[str]:
+    """The retention probes of a kept result that are missing or were scored on other dialogues than ``probes``
+    holds now (its corpus was made anew): only these need scoring again. A probe scored before digests were kept
+    is compared by its dialogue ids."""
+    stale = []
+    for key, dialogues in probes.items():
+        kept = result.get(key) or {}
+        if "dialogues_sha256" in kept:
+            fresh = kept["dialogues_sha256"] == probe_digest(dialogues)
+        else:
+            fresh = bool(kept) and set(kept["items"]["ids"]) == {d["dialogue_id"] for d in dialogues}
+        if not fresh:
+            stale.append(key)
+    return stale
+
+
+def _probe(cfg, label: str, model: Path, url: str, dialogues: list[dict]) -> dict:
+    from pipeline.evaluate import retention_probe
+
+    return retention_probe(base_url=url, model_id=run_name(label), tokenizer=str(model), dialogues=dialogues,
+                           max_len=cfg.model.max_model_len, num_concurrent=cfg.eval.num_concurrent)
+
+
+def _retention_probe(cfg, label: str, model: Path, url: str, dialogues: list[dict]) -> dict:
+    """:func:`_probe` on a retention probe's dialogues, with their digest (see :func:`stale_probes`)."""
+    return _probe(cfg, label, model, url, dialogues) | {"dialogues_sha256": probe_digest(dialogues)}
+
+
+def _write_result(args, label: str, result: dict) -> Path:
+    out = arm_dir(args, label) / f"result-{args.tag}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
 def _score(args, label: str, model: Path, files: tuple[Path, Path], url: str) -> dict:
     """``pipeline.evaluate`` plus the domain NLL, the LIMA held-out NLL and the Wide-Tree retention probe of one
     served arm (served as :func:`run_name` of its label)."""
     from pipeline.data import load_examples
-    from pipeline.evaluate import _heldout_dialogues, evaluate, retention_probe
+    from pipeline.evaluate import evaluate
     from pipeline.probes import load_reference_text
 
     arm = run_name(label)
     cfg = arm_config(args, label, train_file=files[0], heldout_file=files[1])
     domain_rows = [{"dialogue_id": f"heldout-{i:04d}", "messages": m}
                    for i, m in enumerate(load_examples([files[1]], fmt="auto").examples)]
-    probes = {name: args.work_dir / f"corpus_{name}" for name in PRESETS}
     t0 = time.monotonic()
     result = evaluate(cfg, models={arm: str(model)}, base_url=url, out_dir=cfg.run_dir / f"eval-{args.tag}",
-                      corpus_dir=probes["balance"])[arm]
-
-    def probe(dialogues: list[dict]) -> dict:
-        return retention_probe(base_url=url, model_id=arm, tokenizer=str(model), dialogues=dialogues,
-                               max_len=cfg.model.max_model_len, num_concurrent=cfg.eval.num_concurrent)
-
-    result["domain_nll"] = probe(domain_rows)
+                      corpus_dir=args.work_dir / "corpus_balance")[arm]
+    result["domain_nll"] = _probe(cfg, label, model, url, domain_rows)
     if args.lima_heldout_file:
-        result["lima_heldout_nll"] = probe(load_reference_text(args.lima_heldout_file))
-    if (probes["wide"] / "dialogues").is_dir():
-        result["retention_wide"] = probe(_heldout_dialogues(probes["wide"], cfg.eval.retention_dialogues))
+        result["lima_heldout_nll"] = _probe(cfg, label, model, url, load_reference_text(args.lima_heldout_file))
+    probes = probe_dialogues(args, cfg)
+    if "retention" in result and "retention" in probes:
+        result["retention"]["dialogues_sha256"] = probe_digest(probes["retention"])
+    if "retention_wide" in probes:
+        result["retention_wide"] = _retention_probe(cfg, label, model, url, probes["retention_wide"])
     result["eval_seconds_total"] = round(time.monotonic() - t0, 1)
     manifest = cfg.run_dir / "train" / "manifest.json"
     if label != "base" and manifest.is_file():
@@ -361,9 +412,20 @@ def _score(args, label: str, model: Path, files: tuple[Path, Path], url: str) ->
         result["train"] = {k: m.get(k) for k in ("steps", "tokens", "tokens_per_s", "initial_loss", "final_loss",
                                                  "train_seconds", "mix", "tokenization", "train")}
     add_kl(args, label, model, result, files)
-    out = arm_dir(args, label) / f"result-{args.tag}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = _write_result(args, label, result)
     log(f"{label}: eval done in {result['eval_seconds_total']:.0f} s -> {out}")
+    return result
+
+
+def rescore_probes(args, label: str, model: Path, files: tuple[Path, Path], url: str, result: dict) -> dict:
+    """Score a kept result's stale retention probes again (:func:`stale_probes`) and keep everything else."""
+    cfg = arm_config(args, label, train_file=files[0], heldout_file=files[1])
+    probes = probe_dialogues(args, cfg)
+    for key in stale_probes(result, probes):
+        result[key] = _retention_probe(cfg, label, model, url, probes[key])
+        log(f"{label}: {key} scored again on the current corpus's {len(probes[key])} held-out dialogues "
+            f"(NLL {result[key]['metrics']['nll']['value']:.3f}); the rest of the kept result is unchanged")
+    _write_result(args, label, result)
     return result
 
 
@@ -387,9 +449,9 @@ def add_kl(args, label: str, model: Path, result: dict, files: tuple[Path, Path]
 
 
 def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> dict[str, dict]:
-    """Score every arm's model: stored results are reused, the rest are served ``--serve-group`` at a time on one
-    Ray Serve app (one start-up per group instead of per arm) and scored one after another. ``done(results)`` is
-    called after every arm, so a crash keeps what was scored."""
+    """Score every arm's model: stored results are reused (only their stale retention probes scored again), the
+    rest are served ``--serve-group`` at a time on one Ray Serve app (one start-up per group) and scored one after
+    another. ``done(results)`` is called after every arm, so a crash keeps what was scored."""
     from pipeline.serve import free_port, serving
 
     results: dict[str, dict] = {}
@@ -398,10 +460,13 @@ def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> 
         stored = _stored_result(args, arm)
         if stored is None:
             todo[arm] = model
-        else:
-            if add_kl(args, arm, model, stored, files):  # scorings kept from before the KL probe was added
-                (arm_dir(args, arm) / f"result-{args.tag}.json").write_text(json.dumps(stored, indent=2) + "\n")
-            results[arm] = stored
+            continue
+        if add_kl(args, arm, model, stored, files):  # scorings kept from before the KL probe was added
+            _write_result(args, arm, stored)
+        results[arm] = stored
+        cfg = arm_config(args, arm, train_file=files[0], heldout_file=files[1])
+        if stale_probes(stored, probe_dialogues(args, cfg)):
+            todo[arm] = model  # served for its retention probes only
     names = list(todo)
     for i in range(0, len(names), args.serve_group):
         labels = names[i:i + args.serve_group]
@@ -412,7 +477,10 @@ def run_evals(args, models: dict[str, Path], files: tuple[Path, Path], done) -> 
             log(f"{', '.join(labels)}: serving at {url} ({time.monotonic() - t0:.0f} s)")
             for label in labels:
                 try:
-                    results[label] = _score(args, label, todo[label], files, url)
+                    if label in results:
+                        results[label] = rescore_probes(args, label, todo[label], files, url, results[label])
+                    else:
+                        results[label] = _score(args, label, todo[label], files, url)
                 except Exception as e:  # one arm's failed eval must not lose the others
                     log(f"{label}: eval FAILED: {type(e).__name__}: {e}")
                     continue

@@ -102,6 +102,24 @@ def test_kl_is_added_only_to_a_trained_arm_with_prompts_and_a_model(tmp_path):
     assert not list(tmp_path.rglob("result-*.json"))
 
 
+def test_only_retention_probes_scored_on_other_dialogues_are_stale():
+    def dialogues(ids, text="hi"):
+        return [{"dialogue_id": i, "messages": [{"role": "user", "content": text}]} for i in ids]
+
+    probes = {"retention": dialogues(["a", "b"]), "retention_wide": dialogues(["c"])}
+    kept = {"retention": {"items": {"ids": ["b", "a"], "nll": [1.0, 2.0]}}}  # scored before digests were kept
+    assert forgetting.stale_probes(kept, probes) == ["retention_wide"]  # same ids: fresh; never scored: stale
+    kept["retention"]["items"]["ids"] = ["a", "x"]  # the corpus was made anew
+    assert forgetting.stale_probes(kept, probes) == ["retention", "retention_wide"]
+    # With a digest, the texts count too: a corpus made anew can reuse node ids with other texts.
+    kept = {key: {"items": {"ids": [d["dialogue_id"] for d in rows]}, "dialogues_sha256": forgetting.probe_digest(rows)}
+            for key, rows in probes.items()}
+    assert forgetting.stale_probes(kept, probes) == []
+    probes["retention"] = dialogues(["a", "b"], text="hello")
+    assert forgetting.stale_probes(kept, probes) == ["retention"]
+    assert forgetting.stale_probes(kept, {}) == []  # no corpus, no probe to score
+
+
 def _result(acc: dict[str, list[float]], nll: float) -> dict:
     tasks = {t: {"n": len(v), "metrics": {"acc": {"value": sum(v) / len(v), "stderr": 0.1}},
                  "items": {"ids": list(range(len(v))), "acc": v, "acc_norm": v}} for t, v in acc.items()}
