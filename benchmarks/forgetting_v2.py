@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import re
 import sys
@@ -37,8 +38,9 @@ EXTRA_SOURCE = {"tg_balance": "TG Balance-Tree corpus (self-generated)", "tg_wid
 # (compared arm, reference arm): every arm against base and domain, plus the study's head-to-head questions
 HEAD_TO_HEAD = [("tg_balance", "replay_lima"), ("tg_balance", "domain_lora"), ("tg_balance", "tg_wide"),
                 ("tg_balance", "domain_equal_steps")]
-SECONDARY = {"domain_nll": ("domain_nll", "nll"), "lima_heldout_nll": ("lima_heldout_nll", "nll"),
-             "retention_nll": ("retention", "nll")}
+SECONDARY = {"domain_nll": ("domain_nll", "nll"), "lima_heldout_nll": ("lima_heldout_nll", "nll")}
+# NLL on held-out TG dialogues of the Balance-Tree and Wide-Tree corpora (the model's own kind of text)
+RETENTION = {"retention_nll": "retention", "retention_wide_nll": "retention_wide"}
 DOMAIN_NLL_TOLERANCE = 0.10
 EXTRA_ARMS = (*EXTRA_SOURCE, "domain_lora", "domain_equal_steps")
 
@@ -106,7 +108,27 @@ def arm_entry(label: str, result: dict, tasks: list[str]) -> dict:
              "kl_to_base": ({"value": result["kl"]["value"], "stderr": result["kl"].get("stderr")}
                             if result.get("kl") else None)}
     entry.update({k: _value(result, key, metric) for k, (key, metric) in SECONDARY.items()})
+    entry.update({k: _retention(result, key) for k, key in RETENTION.items()})
     return entry
+
+
+def _retention(result: dict, key: str) -> dict | None:
+    """A retention probe's NLL with ``probe``: a short hash of its dialogue ids, so arms scored on another corpus's
+    probe are told apart."""
+    value = _value(result, key, "nll")
+    if value is None:
+        return None
+    ids = sorted(result[key].get("items", {}).get("ids", []))
+    return value | {"probe": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]}
+
+
+def mark_retention(entries: list[dict]) -> None:
+    """Flag each retention NLL with ``same_probe_as_base``: only those compare with base's and with each other."""
+    base = next((e for e in entries if e["name"] == "base"), {})
+    for e in entries:
+        for k in RETENTION:
+            if e[k]:
+                e[k]["same_probe_as_base"] = bool(base.get(k)) and e[k]["probe"] == base[k]["probe"]
 
 
 def seed_means(results: dict[str, dict]) -> dict[str, tuple[dict | None, list[int]]]:
@@ -246,6 +268,7 @@ def summarize(results: dict[str, dict], tasks: list[str]) -> dict:
     """The ``forgetting_v2`` JSON: arms, items per task, comparisons, prevented shares and the verdict."""
     base = results.get("base", {})
     entries = [arm_entry(label, r, tasks) for label, r in results.items()]
+    mark_retention(entries)
     means = seed_means(results)
     comps = comparisons(means, tasks)
     prev = prevented(means, tasks)
@@ -256,7 +279,7 @@ def summarize(results: dict[str, dict], tasks: list[str]) -> dict:
 
 
 def _cell(v: dict | None, digits: int = 3) -> str:
-    if not v:
+    if not v or v.get("same_probe_as_base") is False:
         return "–"
     return f"{v['value']:.{digits}f}" + (f" ± {v['stderr']:.{digits}f}" if v.get("stderr") is not None else "")
 
@@ -266,7 +289,8 @@ def write_markdown(data: dict, tasks: list[str], path: Path, *, title: str) -> N
     lines = [f"# {title}", "", data["verdict"], "",
              "| arm | seed | steps | extra | extra token share | " + " | ".join(
                  f"{short[t]} ({data['primary_metric'][t]})" for t in tasks) +
-             " | domain NLL | domain F1 | LIMA NLL | KL to base |", "|---|" * 1 + "---|" * (8 + len(tasks))]
+             " | domain NLL | domain F1 | LIMA NLL | own-dialogue NLL (balance / wide) | KL to base |",
+             "|---|" * 1 + "---|" * (9 + len(tasks))]
     for e in data["arms"]:
         share = e["extra_token_share"]
         lines.append(f"| {e['name']} | {e['seed']} | {e['steps'] or '–'} | {e['extra_source'] or '–'} | "
@@ -274,7 +298,8 @@ def write_markdown(data: dict, tasks: list[str], path: Path, *, title: str) -> N
                      " | ".join(f"{e['tasks'][t][e['tasks'][t]['primary_metric']]:.3f}" if t in e["tasks"] else "–"
                                 for t in tasks) +
                      f" | {_cell(e['domain_nll'])} | {_cell(e['domain_token_f1'])} | "
-                     f"{_cell(e['lima_heldout_nll'])} | {_cell(e['kl_to_base'], 4)} |")
+                     f"{_cell(e['lima_heldout_nll'])} | {_cell(e['retention_nll'])} / "
+                     f"{_cell(e['retention_wide_nll'])} | {_cell(e['kl_to_base'], 4)} |")
     lines += ["", "Paired differences on the same items (compared minus reference; 95 % paired bootstrap interval; "
               "seed means for arms with several seeds):", "",
               "| compared | reference | primary endpoint | " + " | ".join(short[t] for t in tasks) + " |",
@@ -282,7 +307,9 @@ def write_markdown(data: dict, tasks: list[str], path: Path, *, title: str) -> N
     for x in data["comparisons"]:
         cells = [_ci((x["tasks"].get(t) or {}).get(data["primary_metric"][t])) for t in tasks]
         lines.append(f"| {x['arm']} | {x['reference']} | {_ci(x['primary'])} | " + " | ".join(cells) + " |")
-    lines += ["", "Items per task: " + ", ".join(f"{short[t]} {n}" for t, n in data["items_per_task"].items()), ""]
+    lines += ["", "Items per task: " + ", ".join(f"{short[t]} {n}" for t, n in data["items_per_task"].items()),
+              "", "Own-dialogue NLL: mean NLL per token on held-out dialogues of each TG corpus (the retention "
+              "probe); – where an arm was scored on another corpus's probe than base (see `probe` in the JSON).", ""]
     path.write_text("\n".join(lines))
 
 

@@ -95,3 +95,21 @@ def test_main_writes_json_markdown_and_png(tmp_path):
     md = (tmp_path / "out" / "forgetting_v2.md").read_text()
     assert data["verdict"] in md and "| tg_balance | domain |" in md
     assert (tmp_path / "out" / "forgetting_v2.png").stat().st_size > 5_000
+
+
+def test_retention_nll_compares_only_on_base_s_probe():
+    def probe(ids, nll):
+        return {"items": {"ids": ids, "nll": [nll] * len(ids)}, "metrics": {"nll": {"value": nll, "stderr": 0.1}}}
+
+    ones = np.ones(N)
+    results = {"base": _result(ones, nll=1.0) | {"retention": probe(["b", "a"], 1.7)},
+               "domain": _result(ones, nll=1.2, steps=100) | {"retention": probe(["a", "b"], 3.0),
+                                                              "retention_wide": probe(["w"], 2.9)},
+               "domain_800x2ep": _result(ones, nll=1.1, steps=55) | {"retention": probe(["old"], 2.2)}}
+    arms = {e["name"]: e for e in v2.summarize(results, TASKS)["arms"]}
+    assert arms["domain"]["retention_nll"]["probe"] == arms["base"]["retention_nll"]["probe"]  # same ids, any order
+    assert arms["domain"]["retention_nll"]["same_probe_as_base"] is True
+    assert arms["domain_800x2ep"]["retention_nll"]["same_probe_as_base"] is False  # another corpus's probe
+    assert arms["domain"]["retention_wide_nll"]["same_probe_as_base"] is False  # base has no wide probe
+    assert v2._cell(arms["domain"]["retention_nll"]) == "3.000 ± 0.100"
+    assert v2._cell(arms["domain_800x2ep"]["retention_nll"]) == "–"
