@@ -1,9 +1,9 @@
 """The end-to-end run on a two-node Ray cluster on this machine, submitted with `ray job submit`.
 
 A head and a worker node are started with `ray start` on free loopback ports with token auth, each with its own
-custom resource: the job's driver asks for `tgsft_head`, and the run pins its engine actors, training workers and
-served replicas to the worker node by asking for `tgsft_worker` (engine.resources, train.resources_per_worker,
-serve.resources).
+Ray temp dir (as on two machines) and custom resource: the job's driver asks for `tgsft_head`, and the run pins its
+engine actors, training workers and served replicas to the worker node by asking for `tgsft_worker`
+(engine.resources, train.resources_per_worker, serve.resources).
 This is the suite's one full pipeline run (generate -> mix -> train -> serve -> eval -> report) on the embedded
 default, reduced in size; `make run` does the full-size one.
 
