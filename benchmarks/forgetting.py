@@ -378,8 +378,11 @@ def _retention_probe(cfg, label: str, model: Path, url: str, dialogues: list[dic
 
 
 def _write_result(args, label: str, result: dict) -> Path:
+    """Write an arm's scoring atomically: a crash mid-write must not lose a kept scoring that is being updated."""
+    from pipeline.corpus import atomic_write_text
+
     out = arm_dir(args, label) / f"result-{args.tag}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return out
 
 
