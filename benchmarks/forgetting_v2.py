@@ -113,13 +113,17 @@ def arm_entry(label: str, result: dict, tasks: list[str]) -> dict:
 
 
 def _retention(result: dict, key: str) -> dict | None:
-    """A retention probe's NLL with ``probe``: a short hash of its dialogue ids, so arms scored on another corpus's
-    probe are told apart."""
+    """A retention probe's NLL with ``probe``: the probe's identity, so arms scored on another corpus's probe are
+    told apart. It is the dialogue digest ``forgetting.py`` keeps (ids and texts), or for a scoring from before
+    digests a hash of the dialogue ids."""
     value = _value(result, key, "nll")
     if value is None:
         return None
-    ids = sorted(result[key].get("items", {}).get("ids", []))
-    return value | {"probe": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]}
+    digest = result[key].get("dialogues_sha256")
+    if digest is None:
+        ids = sorted(result[key].get("items", {}).get("ids", []))
+        digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return value | {"probe": digest[:12]}
 
 
 def mark_retention(entries: list[dict]) -> None:

@@ -113,3 +113,8 @@ def test_retention_nll_compares_only_on_base_s_probe():
     assert arms["domain"]["retention_wide_nll"]["same_probe_as_base"] is False  # base has no wide probe
     assert v2._cell(arms["domain"]["retention_nll"]) == "3.000 ± 0.100"
     assert v2._cell(arms["domain_800x2ep"]["retention_nll"]) == "–"
+    # With the dialogue digest kept, other texts behind the same ids are another probe.
+    results["base"]["retention"]["dialogues_sha256"] = "a" * 64
+    results["domain"]["retention"]["dialogues_sha256"] = "b" * 64
+    arms = {e["name"]: e for e in v2.summarize(results, TASKS)["arms"]}
+    assert arms["domain"]["retention_nll"]["same_probe_as_base"] is False
