@@ -1,6 +1,6 @@
 """Shared fixtures. Pure unit tests need none of them but the small HTTP stub (unit tests marked ``model`` use the
-prepared model); integration tests share one Ray cluster and one prepared embedded model per session, and one vLLM
-engine per test module, because each engine start costs 20-100 s here."""
+prepared model); integration tests share one Ray cluster and one prepared embedded model per session (the generation
+tests also one vLLM engine: tests/integration/generation/conftest.py)."""
 
 from __future__ import annotations
 
@@ -39,20 +39,6 @@ def ray_session():
         ray.init(address="local", num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def engines(ray_session, model_path):
-    """One vLLM engine actor on the embedded model, shared by a module's generation tests. Module scope: an idle
-    vLLM CPU engine keeps polling (~20-30 % of a core), which the training and serving tests after it need."""
-    from actors.engine import start_engines, stop_engines
-    from pipeline.config import EngineConfig, ModelConfig
-    from pipeline.generate import engine_options
-
-    opts = engine_options(ModelConfig(), EngineConfig(enforce_eager=True, kv_cache_gib=1))
-    handles = start_engines(model_path, **opts)
-    yield handles
-    stop_engines(handles)
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ def test_forgetting_smoke(tmp_path, ray_session):
         "--name", "smoke", "--arms", "base", "domain", "--presets", "--tasks", "tgsft_arc_easy", "--limit", "5",
         "--domain-train", "20", "--domain-heldout", "6",
         "--set", "train.epochs=3", "--set", "train.max_steps=3", "--set", "train.log_every=1",
+        # one worker: the study's 2-worker ZeRO-2 is test_train.py's; here the script's orchestration is under test
+        "--set", "train.num_workers=1", "--set", "train.cpus_per_worker=2", "--set", "train.zero_stage=0",
         "--set", "eval.domain.limit=3", "--set", "eval.domain.max_new_tokens=16",
         "--set", "eval.noise_floor_concurrent=0",  # the A/A pass is covered by test_serve_eval.py
     ]
@@ -35,6 +37,7 @@ def test_forgetting_smoke(tmp_path, ray_session):
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(*[line for line in proc.stdout.splitlines() if line.startswith("[")], sep="\n")  # its timed progress
 
     summary = json.loads((tmp_path / "res" / "smoke.json").read_text())
     assert summary["status"] == "complete"

@@ -189,6 +189,7 @@ def test_ray_job_submit_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     assert code == 0 and "succeeded" in logs.lower(), logs[-4000:]
     stages = [line for line in logs.splitlines() if "run job finished in" in line]  # the run's time per stage
     print(f"job finished in {time.monotonic() - t0:.0f} s;", *stages)
+    print(*[line for line in logs.splitlines() if "eval: " in line], sep="\n")  # the eval stage's split
     assert f"storage: all 2 nodes see output_root {out / 'job'}" in logs
 
     # The pinned pieces ran on the worker node, and only there.
@@ -230,6 +231,17 @@ def test_ray_job_submit_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     domain_tuned = evals["tuned"]["domain"]["metrics"]["field_acc"]["value"]
     assert domain_tuned > domain_base, (domain_base, domain_tuned)
     assert evals["tuned"]["retention"]["n_dialogues"] == 2
+    # The domain-only control (configs/local.yaml's run.control): the same domain rows without TG, one pass over
+    # them per epoch as in the TG arm, so fewer steps; served, scored and compared beside tuned.
+    control = json.loads((run_dir / "train_domain_only" / "manifest.json").read_text())
+    trained = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert control["mix"]["tg_examples"] == 0 and control["mix"]["domain_examples"] == trained["mix"]["domain_examples"]
+    assert 0 < control["steps"] < trained["steps"]
+    assert report["variants"] == ["domain_only", "tuned"]
+    controlled = json.loads((run_dir / "eval" / "domain_only.json").read_text())
+    assert acc[("tgsft_general", "acc")]["variants"]["domain_only"]["value"] == (
+        controlled["tasks"]["tgsft_general"]["metrics"]["acc"]["value"])
+    assert report["prevented"]["variant"] == "tuned" and isinstance(report["prevented"]["control_forgot"], bool)
     # The console showed the pipeline's own progress; what the workers printed went to the run's log file.
     assert "train: step 1/" in logs and "eval: tuned ->" in logs and "(RayTrainWorker" not in logs
     assert "(RayTrainWorker" in (run_dir / "logs" / "tgsft.log").read_text(errors="replace")
@@ -240,7 +252,6 @@ def test_ray_job_submit_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     (tracked,) = client.search_runs([client.get_experiment_by_name("job").experiment_id])
     assert tracked.info.status == "FINISHED"
     assert tracked.data.params["name"] == "job" and tracked.data.params["tree.branching"] == "[6, 1, 1, 1]"
-    trained = json.loads((run_dir / "train" / "manifest.json").read_text())
     losses = sorted((m.step, m.value) for m in client.get_metric_history(tracked.info.run_id, "train/loss"))
     assert len(losses) >= 10 and [s for s, _ in losses] == list(range(1, trained["steps"] + 1))
     assert [v for _, v in losses] == pytest.approx(trained["losses"], abs=1e-4)
