@@ -216,7 +216,7 @@ def test_ray_job_submit_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     assert (run_dir / "corpus" / "README.md").read_text().startswith("---\n")  # the dataset card's YAML header
     assert (run_dir / "train" / "model" / "config.json").is_file()
     assert list((run_dir / "train" / "model").glob("*.safetensors"))
-    evals = {m: json.loads((run_dir / "eval" / f"{m}.json").read_text()) for m in ("base", "tuned")}
+    evals = {m: json.loads((run_dir / "eval" / f"{m}.json").read_text()) for m in ("base", "tuned", "domain_only")}
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert (run_dir / "report" / "report.png").stat().st_size > 0
     md = (run_dir / "report" / "report.md").read_text()
@@ -238,9 +238,8 @@ def test_ray_job_submit_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     assert control["mix"]["tg_examples"] == 0 and control["mix"]["domain_examples"] == trained["mix"]["domain_examples"]
     assert 0 < control["steps"] < trained["steps"]
     assert report["variants"] == ["domain_only", "tuned"]
-    controlled = json.loads((run_dir / "eval" / "domain_only.json").read_text())
-    assert acc[("tgsft_general", "acc")]["variants"]["domain_only"]["value"] == (
-        controlled["tasks"]["tgsft_general"]["metrics"]["acc"]["value"])
+    assert general["variants"]["domain_only"]["value"] == (
+        evals["domain_only"]["tasks"]["tgsft_general"]["metrics"]["acc"]["value"])
     assert report["prevented"]["variant"] == "tuned" and isinstance(report["prevented"]["control_forgot"], bool)
     # The console showed the pipeline's own progress; what the workers printed went to the run's log file.
     assert "train: step 1/" in logs and "eval: tuned ->" in logs and "(RayTrainWorker" not in logs
