@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from forgetting import PRIMARY_METRIC, TASKS, paired_vs, parse_label  # noqa: E402
+from forgetting import PRIMARY_METRIC, TASKS, arm_label, paired_vs, parse_label  # noqa: E402
 
 EXTRA_SOURCE = {"tg_balance": "TG Balance-Tree corpus (self-generated)", "tg_wide": "TG Wide-Tree corpus "
                 "(self-generated)", "replay_lima": "LIMA human-written conversations", "replay_gsm8k": "GSM8K train"}
@@ -140,10 +140,29 @@ def seed_means(results: dict[str, dict]) -> dict[str, tuple[dict | None, list[in
     return {a: seed_mean(results, a) for a in dict.fromkeys(parse_label(lb)[0] for lb in results)}
 
 
-def comparisons(means: dict[str, tuple[dict | None, list[int]]], tasks: list[str]) -> list[dict]:
+def per_seed(results: dict[str, dict], means: dict, arm: str, ref: str, tasks: list[str]) -> dict | None:
+    """The seed spread of a comparison: for an arm or reference with several seeds, each seed pair's primary
+    endpoint (seed s of the arm against seed s of the reference where both have it, else against the other side's
+    seed mean), keyed by the arm's seed, and ``spread``, the largest minus the smallest delta; None with one seed."""
+    seeds, ref_seeds = means[arm][1], means[ref][1]
+    if len(seeds) < 2 and len(ref_seeds) < 2:
+        return None
+    out = {}
+    for s in sorted(set(seeds) | set(ref_seeds)):
+        a = results[arm_label(arm, s)] if s in seeds else means[arm][0]
+        b = results[arm_label(ref, s)] if s in ref_seeds else means[ref][0]
+        primary = paired_vs({"a": a, "b": b}, "a", "b", tasks=tasks).get("primary")
+        if primary:
+            out[str(s)] = {k: primary[k] for k in ("delta", "ci95", "n")}
+    deltas = [d["delta"] for d in out.values()]
+    return {"seeds": out, "spread": max(deltas) - min(deltas)} if deltas else None
+
+
+def comparisons(results: dict[str, dict], means: dict[str, tuple[dict | None, list[int]]],
+                tasks: list[str]) -> list[dict]:
     """Paired differences (compared minus reference) on the same items (``means``: :func:`seed_means`): every arm
-    against base, every other arm against domain, and the head-to-head pairs; each with the primary endpoint and
-    per-task deltas."""
+    against base, every other arm against domain, and the head-to-head pairs; each with the primary endpoint, its
+    seed spread (:func:`per_seed`) and per-task deltas."""
     arms = list(means)
     pairs = [(a, "base") for a in arms if a != "base"]
     pairs += [(a, "domain") for a in arms if a not in ("base", "domain")]
@@ -154,7 +173,8 @@ def comparisons(means: dict[str, tuple[dict | None, list[int]]], tasks: list[str
             continue
         pv = paired_vs({arm: means[arm][0], ref: means[ref][0]}, arm, ref, tasks=tasks)
         out.append({"arm": arm, "reference": ref, "seeds": means[arm][1], "reference_seeds": means[ref][1],
-                    "primary": pv.get("primary"), "mean": pv.get("mean"),
+                    "primary": pv.get("primary"), "per_seed": per_seed(results, means, arm, ref, tasks),
+                    "mean": pv.get("mean"),
                     "tasks": {t: {m: {k: d[k] for k in ("delta", "ci95", "n")} for m, d in v.items()}
                               for t, v in pv["tasks"].items()}})
     return out
@@ -190,6 +210,12 @@ def _ci(d: dict | None, digits: int = 3) -> str:
     return "–" if not d else f"{d['delta']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]"
 
 
+def _per_seed_text(x: dict) -> str:
+    """``seed 0 +0.010, seed 1 +0.004`` for a comparison with a seed spread, else ''."""
+    ps = x.get("per_seed")
+    return ", ".join(f"seed {s} {d['delta']:+.3f}" for s, d in ps["seeds"].items()) if ps else ""
+
+
 def _side(d: dict) -> int:
     """+1 / -1 when the 95 % interval lies above / below 0, else 0."""
     lo, hi = d["ci95"]
@@ -211,7 +237,8 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict]) -> st
     side = _side(dom["primary"])
     text = [f"On the pre-registered primary endpoint (mean over {len(dom['primary']['tasks'])} general tasks of "
             f"each task's primary metric, {dom['primary']['n']} paired items), domain-only SFT (seed {seeds}) moved "
-            f"by {_ci(dom['primary'])} against base: " +
+            f"by {_ci(dom['primary'])} against base" + (f" ({_per_seed_text(dom)})" if dom.get("per_seed") else "")
+            + ": " +
             {-1: "a measurable loss.", 0: "no measurable change, so there was no drop for any arm to prevent.",
              1: "a measurable gain, so there was no drop for any arm to prevent."}[side]]
     others = [a for (a, r) in c if r == "base" and a.startswith("domain_") and a not in EXTRA_ARMS]
@@ -221,6 +248,8 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict]) -> st
     for arm in [a for a in EXTRA_SOURCE if (a, "domain") in c] + [a for a in ("domain_lora", "domain_equal_steps")
                                                                    if (a, "domain") in c]:
         line = f"{arm} minus domain-only: {_ci(c[arm, 'domain']['primary'])}"
+        if c[arm, "domain"].get("per_seed"):
+            line += f" ({_per_seed_text(c[arm, 'domain'])})"
         share = prev.get(arm) or {}
         if side < 0 and share.get("share") is not None and share.get("ci95"):
             lo, hi = share["ci95"]
@@ -274,7 +303,7 @@ def summarize(results: dict[str, dict], tasks: list[str]) -> dict:
     entries = [arm_entry(label, r, tasks) for label, r in results.items()]
     mark_retention(entries)
     means = seed_means(results)
-    comps = comparisons(means, tasks)
+    comps = comparisons(results, means, tasks)
     prev = prevented(means, tasks)
     return {"arms": entries,
             "items_per_task": {t: (base.get("tasks", {}).get(t) or {}).get("n") for t in tasks},
@@ -306,11 +335,12 @@ def write_markdown(data: dict, tasks: list[str], path: Path, *, title: str) -> N
                      f"{_cell(e['retention_wide_nll'])} | {_cell(e['kl_to_base'], 4)} |")
     lines += ["", "Paired differences on the same items (compared minus reference; 95 % paired bootstrap interval; "
               "seed means for arms with several seeds):", "",
-              "| compared | reference | primary endpoint | " + " | ".join(short[t] for t in tasks) + " |",
-              "|---|---|---|" + "---|" * len(tasks)]
+              "| compared | reference | primary endpoint | per seed (spread) | " + " | ".join(short[t] for t in tasks)
+              + " |", "|---|---|---|---|" + "---|" * len(tasks)]
     for x in data["comparisons"]:
         cells = [_ci((x["tasks"].get(t) or {}).get(data["primary_metric"][t])) for t in tasks]
-        lines.append(f"| {x['arm']} | {x['reference']} | {_ci(x['primary'])} | " + " | ".join(cells) + " |")
+        seeds = f"{_per_seed_text(x)} ({x['per_seed']['spread']:.3f})" if x.get("per_seed") else "–"
+        lines.append(f"| {x['arm']} | {x['reference']} | {_ci(x['primary'])} | {seeds} | " + " | ".join(cells) + " |")
     lines += ["", "Items per task: " + ", ".join(f"{short[t]} {n}" for t, n in data["items_per_task"].items()),
               "", "Own-dialogue NLL: mean NLL per token on held-out dialogues of each TG corpus (the retention "
               "probe); – where an arm was scored on another corpus's probe than base (see `probe` in the JSON).", ""]

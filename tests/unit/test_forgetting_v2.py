@@ -87,6 +87,28 @@ def test_tg_that_forgets_like_domain_does_no_better(tmp_path):
     assert "does not hold at this scale" in data["verdict"]
 
 
+def test_seed_spread_pairs_seeds_and_matches_the_seed_mean(tmp_path):
+    arms = _arms(tmp_path, tg_recovers=True)
+    rng = np.random.default_rng(1)
+    base = np.array(v2.load_results(arms, "dev")["base"]["tasks"][TASKS[0]]["items"]["acc"])
+    s1 = np.where(rng.random(N) < 0.10, 0.0, base)  # seed 1 of domain-only forgets less than seed 0
+    with gzip.open(arms / "domain-s1" / "result-dev.json.gz", "wt") as f:
+        json.dump(_result(s1, nll=0.82, steps=100), f)
+    data = v2.summarize(v2.load_results(arms, "dev"), TASKS)
+    comps = {(c["arm"], c["reference"]): c for c in data["comparisons"]}
+    dom = comps["domain", "base"]
+    d0, d1 = (dom["per_seed"]["seeds"][s]["delta"] for s in ("0", "1"))
+    assert d0 < d1 < 0 and abs(d1 - (s1 - base).mean()) < 1e-12
+    assert abs(dom["per_seed"]["spread"] - (d1 - d0)) < 1e-12
+    assert abs(dom["primary"]["delta"] - (d0 + d1) / 2) < 1e-12  # the seed mean's delta is the mean of the seeds'
+    # one-seed arm against a two-seed reference: spread from the reference's seeds; one seed on both sides: none
+    lima = comps["replay_lima", "domain"]["per_seed"]["seeds"]
+    assert lima["0"]["delta"] == 0.0 and abs(lima["1"]["delta"] - (comps["domain", "base"]["per_seed"]["seeds"]["0"]
+                                                                  ["delta"] - d1)) < 1e-12
+    assert comps["replay_lima", "base"]["per_seed"] is None
+    assert f"seed 0 {d0:+.3f}, seed 1 {d1:+.3f}" in data["verdict"]
+
+
 def test_main_writes_json_markdown_and_png(tmp_path):
     arms = _arms(tmp_path / "arms", tg_recovers=True)
     assert v2.main(["--arms-dir", str(arms), "--results-dir", str(tmp_path / "out"), "--tasks", *TASKS]) == 0
@@ -94,6 +116,7 @@ def test_main_writes_json_markdown_and_png(tmp_path):
     assert {"arms", "items_per_task", "comparisons", "verdict"} <= set(data)
     md = (tmp_path / "out" / "forgetting_v2.md").read_text()
     assert data["verdict"] in md and "| tg_balance | domain |" in md
+    assert "| domain | base | " in md and "seed 0 " in md.split("| domain | base | ")[1].split("\n")[0]
     assert (tmp_path / "out" / "forgetting_v2.png").stat().st_size > 5_000
 
 
