@@ -19,7 +19,8 @@ Arms, all with the same domain data (the same Code Alpaca examples; the same epo
 - ``domain_lora``: domain only, LoRA (r 16, alpha 32, dropout 0.05, the default target modules) at the same lr as
   every arm unless ``--lora-lr`` is given; the merged export is served like the others;
 - ``domain_equal_steps``: domain only, as many optimizer steps as ``tg_balance`` of the same seed took (its train
-  manifest's ``steps`` as ``train.max_steps``, with enough epochs to reach it); trains tg_balance first if needed.
+  manifest's ``steps`` as ``train.max_steps``, with enough epochs to reach it, or the ``train`` block of its kept
+  scoring when the model is gone); trains tg_balance first if it has neither.
 
 ``--seeds`` trains every arm once per seed (``train.seed`` and ``mix.seed``): seed 0 keeps the arm's name and folder,
 seed s is ``<arm>@s<s>`` in ``arms/<arm>-s<s>/`` (also its served model id); ``base`` is never re-seeded.
@@ -234,8 +235,17 @@ def arm_dir(args, label: str) -> Path:
     return args.work_dir / "arms" / run_name(label)
 
 
-def tg_balance_manifest(args, seed: int) -> Path:
-    return arm_dir(args, arm_label("tg_balance", seed)) / "train" / "manifest.json"
+def tg_balance_train(args, seed: int) -> dict | None:
+    """The train manifest of ``tg_balance`` of this seed, or else the ``train`` block its kept scoring carries
+    (``arms/<tg_balance>/result-<tag>.json``: a scoring copied in from committed results stands for a model that is
+    gone); None when neither exists."""
+    folder = arm_dir(args, arm_label("tg_balance", seed))
+    manifest, scoring = folder / "train" / "manifest.json", folder / f"result-{args.tag}.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())
+    if scoring.is_file():
+        return json.loads(scoring.read_text()).get("train")
+    return None
 
 
 # ----------------------------------------------------------------------------- configs
@@ -264,11 +274,11 @@ def arm_config(args, label: str, *, train_file: Path, heldout_file: Path, port: 
         if args.lora_lr is not None:
             overrides.append(f"train.lr={args.lora_lr}")
     if arm == "domain_equal_steps":
-        manifest = tg_balance_manifest(args, seed)
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{label}: needs the step count of {arm_label('tg_balance', seed)}, whose train "
-                                    f"manifest {manifest} does not exist (train that arm first)")
-        overrides += equal_steps_overrides(json.loads(manifest.read_text()))
+        trained, tg = tg_balance_train(args, seed), arm_label("tg_balance", seed)
+        if trained is None:
+            raise FileNotFoundError(f"{label}: needs the step count of {tg}, which has neither a train manifest nor "
+                                    f"a kept scoring in {arm_dir(args, tg)} (train that arm first)")
+        overrides += equal_steps_overrides(trained)
     return load_config(args.config, overrides=overrides)
 
 
@@ -302,7 +312,7 @@ def run_train(args, label: str, files: tuple[Path, Path]) -> Path:
         cfg = arm_config(args, label, train_file=files[0], heldout_file=files[1])
         return Path(resolve_model(cfg.model, log=log))
     arm, seed = parse_label(label)
-    if arm == "domain_equal_steps" and not tg_balance_manifest(args, seed).is_file():
+    if arm == "domain_equal_steps" and tg_balance_train(args, seed) is None:
         log(f"{label}: training {arm_label('tg_balance', seed)} first, for its step count")
         if "balance" in args.presets:
             make_corpus(args, "balance")

@@ -66,7 +66,7 @@ def test_equal_steps_overrides():
 
 def test_arm_configs_for_lora_equal_steps_and_seeds(tmp_path):
     args = Namespace(work_dir=tmp_path, eval_data_dir=tmp_path / "eval", tasks=TASKS, limit=5, set=[],
-                     config=forgetting.CONFIG, lora_lr=None, lima_heldout=100)
+                     config=forgetting.CONFIG, lora_lr=None, lima_heldout=100, tag="dev")
     files = (tmp_path / "train.json", tmp_path / "heldout.json")
     base_lr = forgetting.arm_config(args, "domain", train_file=files[0], heldout_file=files[1]).train.lr
 
@@ -81,9 +81,16 @@ def test_arm_configs_for_lora_equal_steps_and_seeds(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="tg_balance"):
         forgetting.arm_config(args, "domain_equal_steps", train_file=files[0], heldout_file=files[1])
-    manifest = forgetting.tg_balance_manifest(args, 0)
-    manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"steps": 7, "train": {"epochs": 2}, "mix": {"tg_share_tokens": 0.5}}))
+    # a kept scoring (the model is gone) carries the train manifest's numbers under "train" ...
+    folder = tmp_path / "arms" / "tg_balance"
+    (folder / "train").mkdir(parents=True)
+    kept = {"train": {"steps": 9, "train": {"epochs": 4}, "mix": {"tg_share_tokens": 0.3}}}
+    (folder / "result-dev.json").write_text(json.dumps(kept))
+    eq = forgetting.arm_config(args, "domain_equal_steps", train_file=files[0], heldout_file=files[1])
+    assert (eq.train.max_steps, eq.train.epochs, eq.mix.tg_ratio) == (9, 7, 0)
+    # ... and the manifest itself wins when the model is there
+    (folder / "train" / "manifest.json").write_text(
+        json.dumps({"steps": 7, "train": {"epochs": 2}, "mix": {"tg_share_tokens": 0.5}}))
     eq = forgetting.arm_config(args, "domain_equal_steps", train_file=files[0], heldout_file=files[1])
     assert (eq.train.max_steps, eq.train.epochs, eq.mix.tg_ratio) == (7, 5, 0)
 
