@@ -235,12 +235,17 @@ def arm_dir(args, label: str) -> Path:
     return args.work_dir / "arms" / run_name(label)
 
 
+def result_path(args, label: str) -> Path:
+    """The arm's scoring under this run's eval tag (``arms/<arm>/result-<tag>.json``)."""
+    return arm_dir(args, label) / f"result-{args.tag}.json"
+
+
 def tg_balance_train(args, seed: int) -> dict | None:
     """The train manifest of ``tg_balance`` of this seed, or else the ``train`` block its kept scoring carries
     (``arms/<tg_balance>/result-<tag>.json``: a scoring copied in from committed results stands for a model that is
     gone); None when neither exists."""
-    folder = arm_dir(args, arm_label("tg_balance", seed))
-    manifest, scoring = folder / "train" / "manifest.json", folder / f"result-{args.tag}.json"
+    label = arm_label("tg_balance", seed)
+    manifest, scoring = arm_dir(args, label) / "train" / "manifest.json", result_path(args, label)
     if manifest.is_file():
         return json.loads(manifest.read_text())
     if scoring.is_file():
@@ -326,7 +331,7 @@ def run_train(args, label: str, files: tuple[Path, Path]) -> Path:
 
 def _stored_result(args, label: str) -> dict | None:
     """The arm's result of an earlier scoring with the same eval settings, if any (and not ``--force-eval``)."""
-    out = arm_dir(args, label) / f"result-{args.tag}.json"
+    out = result_path(args, label)
     if not out.is_file() or args.force_eval:
         return None
     stored = json.loads(out.read_text())
@@ -391,7 +396,7 @@ def _write_result(args, label: str, result: dict) -> Path:
     """Write an arm's scoring atomically: a crash mid-write must not lose a kept scoring that is being updated."""
     from pipeline.corpus import atomic_write_text
 
-    out = arm_dir(args, label) / f"result-{args.tag}.json"
+    out = result_path(args, label)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return out
 
@@ -836,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
              "train": arm_config(args, "domain", train_file=files[0], heldout_file=files[1]).train.model_dump(
                  mode="json")}
     if args.summary_only:
-        stored = {label: arm_dir(args, label) / f"result-{args.tag}.json" for label in args.labels}
+        stored = {label: result_path(args, label) for label in args.labels}
         write_outputs(args, {a: json.loads(p.read_text()) for a, p in stored.items() if p.is_file()}, setup)
         return 0
     init_ray()  # one local Ray for every stage, so serving() does not stop it between arms
