@@ -211,9 +211,13 @@ def _ci(d: dict | None, digits: int = 3) -> str:
 
 
 def _per_seed_text(x: dict) -> str:
-    """``seed 0 +0.010, seed 1 +0.004`` for a comparison with a seed spread, else ''."""
+    """``seed 0 +0.010, seed 1 +0.004`` for a comparison with a seed spread, else ''; the seeds are the reference's
+    (``against domain seed 0 ...``) when only the reference has several."""
     ps = x.get("per_seed")
-    return ", ".join(f"seed {s} {d['delta']:+.3f}" for s, d in ps["seeds"].items()) if ps else ""
+    if not ps:
+        return ""
+    side = f"against {x['reference']} " if len(x["seeds"]) < 2 else ""
+    return side + ", ".join(f"seed {s} {d['delta']:+.3f}" for s, d in ps["seeds"].items())
 
 
 def _side(d: dict) -> int:

@@ -106,7 +106,8 @@ def test_seed_spread_pairs_seeds_and_matches_the_seed_mean(tmp_path):
     assert lima["0"]["delta"] == 0.0 and abs(lima["1"]["delta"] - (comps["domain", "base"]["per_seed"]["seeds"]["0"]
                                                                   ["delta"] - d1)) < 1e-12
     assert comps["replay_lima", "base"]["per_seed"] is None
-    assert f"seed 0 {d0:+.3f}, seed 1 {d1:+.3f}" in data["verdict"]
+    assert f"(seed 0 {d0:+.3f}, seed 1 {d1:+.3f})" in data["verdict"]
+    assert f"(against domain seed 0 {lima['0']['delta']:+.3f}, seed 1 {lima['1']['delta']:+.3f})" in data["verdict"]
 
 
 def test_main_writes_json_markdown_and_png(tmp_path):
