@@ -288,13 +288,23 @@ def _log_progress(wc: WorkerConfig, tracker: Tracker, *, step: int, loss: float,
         append_progress(wc.progress_file, record)
 
 
+def _init_distributed(wc: WorkerConfig, rank: int) -> None:
+    """Load DeepSpeed's JIT ops where a stale build lock cannot hang (``actors.ds_ops``), then let DeepSpeed wrap
+    Ray's process group now: HfDeepSpeedConfig (ZeRO-3) needs the world size."""
+    import deepspeed
+
+    from actors.ds_ops import preload_ops
+
+    preload_ops(wc.ds_config, log=lambda msg: print(f"rank {rank}: {msg}", flush=True))
+    deepspeed.init_distributed(dist_backend="nccl" if wc.use_gpu else "gloo", dist_init_required=False)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train on this worker's shard until ``total_steps`` optimizer steps; checkpoint, export, report.
 
     Args:
         config: a :class:`pipeline.schedule.WorkerConfig` as a dict (``WorkerConfig.as_dict``).
     """
-    import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
@@ -308,8 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(wc.threads)
     torch.manual_seed(wc.seed)
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if wc.use_gpu else torch.device("cpu")
-    # Let DeepSpeed wrap Ray's process group now: HfDeepSpeedConfig (ZeRO-3) needs the world size.
-    deepspeed.init_distributed(dist_backend="nccl" if wc.use_gpu else "gloo", dist_init_required=False)
+    _init_distributed(wc, rank)
     chosen = _choose_precision(wc, rank)
     autocast = chosen["precision"] == "bf16" and not wc.use_gpu  # CPU: fp32 weights, bf16 matmuls
     if rank == 0:

@@ -35,7 +35,7 @@ def test_forgetting_smoke(tmp_path, ray_session):
     # The script joins the session's cluster: a second local Ray on one machine can clash on fixed agent ports.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(*[line for line in proc.stdout.splitlines() if line.startswith("[")], sep="\n")  # its timed progress
 
