@@ -12,7 +12,11 @@ pre-registered rules of ``benchmarks/STUDY.md``:
 - an arm trained with several seeds enters a comparison as its seed mean (per item, the mean score over seeds);
 - "TG prevents forgetting" needs ``tg_balance`` minus ``domain`` above 0 with the domain still learned (held-out
   domain NLL within 10 % of domain-only's); the share of domain-only's drop each arm prevented is
-  :func:`pipeline.stats.prevented_share`, stated only when domain-only's drop is itself outside noise.
+  :func:`pipeline.stats.prevented_share`, stated only when domain-only's drop is itself outside noise;
+- drift (secondary; lower is better): held-out LIMA NLL, KL to base on generic prompts, NLL on held-out TG
+  dialogues and held-out domain NLL, each as a paired difference over the same dialogues (per-dialogue means,
+  each dialogue weighing the same) against base and domain-only, with the share of domain-only's rise each arm
+  prevented (:func:`drift`).
 
 Nothing is trained or served; the verdict paragraph is written from the numbers.
 """
@@ -42,6 +46,12 @@ SECONDARY = {"domain_nll": ("domain_nll", "nll"), "lima_heldout_nll": ("lima_hel
 # NLL on held-out TG dialogues of the Balance-Tree and Wide-Tree corpora (the model's own kind of text)
 RETENTION = {"retention_nll": "retention", "retention_wide_nll": "retention_wide"}
 DOMAIN_NLL_TOLERANCE = 0.10
+# Per-dialogue drift measures (lower is better): result key and per-item field; the prevented share is taken for
+# all but the domain NLL, which is the domain's cost rather than something lost.
+DRIFT = {"lima_heldout_nll": ("lima_heldout_nll", "nll"), "kl_to_base": ("kl", "values"),
+         "retention_nll": ("retention", "nll"), "retention_wide_nll": ("retention_wide", "nll"),
+         "domain_nll": ("domain_nll", "nll")}
+DRIFT_PREVENTED = ("lima_heldout_nll", "kl_to_base", "retention_nll", "retention_wide_nll")
 EXTRA_ARMS = (*EXTRA_SOURCE, "domain_lora", "domain_equal_steps")
 
 
@@ -206,6 +216,52 @@ def prevented(means: dict[str, tuple[dict | None, list[int]]], tasks: list[str])
     return out
 
 
+def drift_items(results: dict[str, dict], arm: str, key: str, field: str) -> dict | None:
+    """``{dialogue id: value}`` of one drift measure, the mean over the arm's seeds on the dialogues every seed
+    scored; None when a seed lacks it, or (retention probes) when a seed was scored on another probe than base."""
+    looks = []
+    base_digest = (results.get("base", {}).get(key) or {}).get("dialogues_sha256")
+    for label in (lb for lb in results if parse_label(lb)[0] == arm):
+        block = results[label].get(key) or {}
+        items = block.get("items") or {}
+        if field not in items or (key.startswith("retention") and block.get("dialogues_sha256") != base_digest):
+            return None
+        looks.append(dict(zip(items["ids"], items[field])))
+    if not looks:
+        return None
+    return {i: sum(lk[i] for lk in looks) / len(looks) for i in looks[0] if all(i in lk for lk in looks[1:])}
+
+
+def drift(results: dict[str, dict]) -> dict[str, dict]:
+    """Per drift measure (DRIFT) and arm: the paired difference over the same dialogues against base and against
+    domain-only (``vs_base``, ``vs_domain``: :func:`pipeline.stats.paired_diff`, seed means), and for the measures in
+    DRIFT_PREVENTED the share of domain-only's rise the arm prevented (``prevented``)."""
+    from pipeline.stats import paired_diff, prevented_share
+
+    arms = list(dict.fromkeys(parse_label(lb)[0] for lb in results))
+    out: dict[str, dict] = {}
+    for name, (key, field) in DRIFT.items():
+        vals = {a: drift_items(results, a, key, field) for a in arms}
+        base, dom = vals.get("base"), vals.get("domain")
+        rows = {}
+        for arm, v in vals.items():
+            if arm == "base" or not v:
+                continue
+            row = {}
+            for ref, r in (("base", base), ("domain", dom)):
+                if ref != arm and r and (ids := [i for i in v if i in r]):
+                    row[f"vs_{ref}"] = paired_diff([r[i] for i in ids], [v[i] for i in ids], seed=0)
+            if name in DRIFT_PREVENTED and arm != "domain" and base and dom:
+                ids = [i for i in v if i in base and i in dom]
+                if ids:
+                    row["prevented"] = prevented_share([tuple([x[i] for i in ids] for x in (base, dom, v))],
+                                                       higher_is_better=False, iters=2000, seed=0)
+            rows[arm] = row
+        if rows:
+            out[name] = rows
+    return out
+
+
 def _ci(d: dict | None, digits: int = 3) -> str:
     return "–" if not d else f"{d['delta']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]"
 
@@ -220,6 +276,31 @@ def _per_seed_text(x: dict) -> str:
     return side + ", ".join(f"seed {s} {d['delta']:+.3f}" for s, d in ps["seeds"].items())
 
 
+DRIFT_NAMES = {"lima_heldout_nll": "held-out LIMA NLL", "kl_to_base": "KL to base",
+               "retention_nll": "NLL on held-out Balance-Tree dialogues",
+               "retention_wide_nll": "NLL on held-out Wide-Tree dialogues"}
+
+
+def _drift_text(dr: dict[str, dict]) -> str:
+    """The verdict's drift sentence: per measure in DRIFT_PREVENTED where domain-only rose above base outside noise,
+    that rise and the share of it each extra arm (EXTRA_ARMS) prevented; '' when there is none."""
+    parts = []
+    for name in DRIFT_PREVENTED:
+        rows = dr.get(name, {})
+        rise = (rows.get("domain") or {}).get("vs_base")
+        if not rise or rise["ci95"][0] <= 0:
+            continue
+        shares = [f"{arm} {p['share']:.0%} [{p['ci95'][0]:.0%}, {p['ci95'][1]:.0%}]" for arm, row in rows.items()
+                  if arm in EXTRA_ARMS and (p := row.get("prevented")) and p.get("share") is not None
+                  and p.get("ci95")]
+        parts.append(f"{DRIFT_NAMES[name]} +{rise['delta']:.3f} [{rise['ci95'][0]:+.3f}, {rise['ci95'][1]:+.3f}]"
+                     + (f", of which {', '.join(shares)} prevented" if shares else ""))
+    if not parts:
+        return ""
+    return ("Drift (secondary; per-dialogue paired differences, seed means): domain-only SFT raised " +
+            "; ".join(parts) + ".")
+
+
 def _side(d: dict) -> int:
     """+1 / -1 when the 95 % interval lies above / below 0, else 0."""
     lo, hi = d["ci95"]
@@ -231,7 +312,7 @@ def _mean_of(entries: list[dict], arm: str, key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict]) -> str:
+def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict], dr: dict | None = None) -> str:
     """The verdict paragraph, by the pre-registered rules (module docstring), from the numbers alone."""
     c = {(x["arm"], x["reference"]): x for x in comps if x.get("primary")}
     dom = c.get(("domain", "base"))
@@ -286,6 +367,8 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict]) -> st
             text.append("Training domain-only for as many steps as tg_balance moved it by "
                         f"{_ci(steps['primary'])}: " + ("overlapping TG's effect, so it is credited to the steps."
                                                         if overlap else "apart from TG's effect."))
+    if dr and (line := _drift_text(dr)):
+        text.append(line)
     costs = [f"{a} {v:.3f}" for a in dict.fromkeys(e["name"] for e in entries)
              if (v := _mean_of(entries, a, "domain_nll")) is not None]
     f1 = [f"{a} {v:.3f}" for a in dict.fromkeys(e["name"] for e in entries)
@@ -309,10 +392,11 @@ def summarize(results: dict[str, dict], tasks: list[str]) -> dict:
     means = seed_means(results)
     comps = comparisons(results, means, tasks)
     prev = prevented(means, tasks)
+    dr = drift(results)
     return {"arms": entries,
             "items_per_task": {t: (base.get("tasks", {}).get(t) or {}).get("n") for t in tasks},
             "primary_metric": {t: PRIMARY_METRIC.get(t, "acc") for t in tasks},
-            "comparisons": comps, "prevented_share": prev, "verdict": verdict(comps, prev, entries)}
+            "comparisons": comps, "prevented_share": prev, "drift": dr, "verdict": verdict(comps, prev, entries, dr)}
 
 
 def _cell(v: dict | None, digits: int = 3) -> str:
@@ -345,10 +429,34 @@ def write_markdown(data: dict, tasks: list[str], path: Path, *, title: str) -> N
         cells = [_ci((x["tasks"].get(t) or {}).get(data["primary_metric"][t])) for t in tasks]
         seeds = f"{_per_seed_text(x)} ({x['per_seed']['spread']:.3f})" if x.get("per_seed") else "–"
         lines.append(f"| {x['arm']} | {x['reference']} | {_ci(x['primary'])} | {seeds} | " + " | ".join(cells) + " |")
+    lines += _drift_table(data.get("drift") or {})
     lines += ["", "Items per task: " + ", ".join(f"{short[t]} {n}" for t, n in data["items_per_task"].items()),
               "", "Own-dialogue NLL: mean NLL per token on held-out dialogues of each TG corpus (the retention "
               "probe); – where an arm was scored on another corpus's probe than base (see `probe` in the JSON).", ""]
     path.write_text("\n".join(lines))
+
+
+def _drift_table(dr: dict[str, dict]) -> list[str]:
+    """Markdown lines of the drift table: per arm and measure, the paired difference against base and domain-only
+    and the share of domain-only's rise prevented."""
+    if not dr:
+        return []
+    arms = list(dict.fromkeys(a for rows in dr.values() for a in rows))
+    names = {**DRIFT_NAMES, "domain_nll": "held-out domain NLL"}
+    lines = ["", "Drift, paired over the same dialogues (arm minus base / arm minus domain-only, per-dialogue means "
+             "with 95 % bootstrap intervals; seed means; lower is better) and the share of domain-only's rise "
+             "prevented:", "", "| arm | " + " | ".join(names[m] for m in dr) + " |", "|---|" + "---|" * len(dr)]
+    for arm in arms:
+        cells = []
+        for m in dr:
+            row = dr[m].get(arm) or {}
+            got = [f"{_ci(row[k])} vs {k[3:]}" for k in ("vs_base", "vs_domain") if row.get(k)]
+            p = row.get("prevented") or {}
+            if p.get("share") is not None and p.get("ci95"):
+                got.append(f"{p['share']:.0%} [{p['ci95'][0]:.0%}, {p['ci95'][1]:.0%}] prevented")
+            cells.append("; ".join(got) or "–")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(data: dict, path: Path, *, title: str) -> None:

@@ -142,3 +142,41 @@ def test_retention_nll_compares_only_on_base_s_probe():
     results["domain"]["retention"]["dialogues_sha256"] = "b" * 64
     arms = {e["name"]: e for e in v2.summarize(results, TASKS)["arms"]}
     assert arms["domain"]["retention_nll"]["same_probe_as_base"] is False
+
+
+def test_drift_is_paired_per_dialogue_with_the_share_of_domain_only_s_rise_prevented():
+    def probe(per_dialogue: list[float], digest: str | None = None) -> dict:
+        block = {"items": {"ids": [f"d{k}" for k in range(len(per_dialogue))], "nll": per_dialogue},
+                 "metrics": {"nll": {"value": float(np.mean(per_dialogue)), "stderr": 0.1}}}
+        return block | ({"dialogues_sha256": digest} if digest else {})
+
+    rng = np.random.default_rng(2)
+    base_nll = 2.0 + rng.random(100)  # dialogues differ a lot; the paired difference removes that
+    ones = np.ones(N)
+
+    def arm(rise: float, steps: int | None, *, digest: str = "p" * 64, kl: float = 0.0) -> dict:
+        return _result(ones, nll=1.0, steps=steps) | {
+            "lima_heldout_nll": probe(list(base_nll + rise)), "retention": probe([1.7 + rise] * 24, digest),
+            "kl": {"value": kl, "items": {"ids": [f"k{k}" for k in range(32)], "values": [kl] * 32}}}
+
+    results = {"base": arm(0.0, None), "domain": arm(1.0, 100, kl=1.6), "domain@s1": arm(1.2, 100, kl=1.8),
+               "tg_balance": arm(0.5, 140, kl=1.2), "tg_balance@s1": arm(0.7, 140, kl=1.2, digest="q" * 64),
+               "domain_lora": arm(0.0, 100, kl=0.4)}
+    data = v2.summarize(results, TASKS)
+    lima = data["drift"]["lima_heldout_nll"]
+    assert abs(lima["domain"]["vs_base"]["delta"] - 1.1) < 1e-9  # seed mean of +1.0 and +1.2
+    assert lima["domain"]["vs_base"]["ci95"][1] - lima["domain"]["vs_base"]["ci95"][0] < 1e-9  # no pairing noise
+    assert abs(lima["tg_balance"]["vs_domain"]["delta"] + 0.5) < 1e-9
+    assert abs(lima["tg_balance"]["prevented"]["share"] - 5 / 11) < 1e-9
+    assert abs(lima["domain_lora"]["prevented"]["share"] - 1.0) < 1e-9
+    assert abs(data["drift"]["kl_to_base"]["domain_lora"]["prevented"]["share"] - (1 - 0.4 / 1.7)) < 1e-9  # domain seed mean 1.7
+    # tg_balance seed 1 was scored on another probe than base: no retention comparison for the arm at all
+    assert "tg_balance" not in data["drift"]["retention_nll"] and "domain" in data["drift"]["retention_nll"]
+    assert "domain_nll" not in data["drift"]  # these scorings keep no per-dialogue domain NLL
+    assert "Drift (secondary" in data["verdict"] and "held-out LIMA NLL +1.100" in data["verdict"]
+    assert "tg_balance 45% [45%, 45%]" in data["verdict"] and "domain_lora 100%" in data["verdict"]
+
+
+def test_no_drift_sentence_when_domain_only_did_not_drift(tmp_path):
+    data = v2.summarize(v2.load_results(_arms(tmp_path, tg_recovers=True), "dev"), TASKS)
+    assert data["drift"] == {} and "Drift" not in data["verdict"]
