@@ -465,7 +465,8 @@ def plot(data: dict, path: Path, *, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    dr = data.get("drift") or {}
+    fig, axes = plt.subplots(1, 3 if dr else 2, figsize=(18 if dr else 12, 4.2))
     for ax, ref in zip(axes, ("base", "domain")):
         rows = [x for x in data["comparisons"] if x["reference"] == ref and x.get("primary")]
         ys = [x["primary"]["delta"] for x in rows]
@@ -476,10 +477,33 @@ def plot(data: dict, path: Path, *, title: str) -> None:
         ax.set_xticks(range(len(rows)), [x["arm"] for x in rows], rotation=20, fontsize=8)
         ax.set_ylabel(f"primary endpoint, arm minus {ref}")
         ax.set_title(f"vs {ref} (95 % paired bootstrap)")
+    if dr:
+        _plot_drift(axes[2], dr)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_drift(ax, dr: dict[str, dict]) -> None:
+    """Grouped bars: per drift measure, the share of domain-only's rise each extra arm prevented, with its interval."""
+    measures = [m for m in DRIFT_PREVENTED if m in dr]
+    arms = [a for a in dict.fromkeys(a for m in measures for a in dr[m]) if a in EXTRA_ARMS]
+    width = 0.8 / max(len(arms), 1)
+    for k, arm in enumerate(arms):
+        got = [(i, p) for i, m in enumerate(measures) if (p := (dr[m].get(arm) or {}).get("prevented"))
+               and p.get("share") is not None and p.get("ci95")]
+        xs = [i + (k - (len(arms) - 1) / 2) * width for i, _ in got]
+        ys = [p["share"] for _, p in got]
+        err = [[y - p["ci95"][0] for (_, p), y in zip(got, ys)], [p["ci95"][1] - y for (_, p), y in zip(got, ys)]]
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=arm)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(1, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(measures)), [DRIFT_NAMES[m].replace("NLL on held-out ", "").replace("held-out ", "")
+                                         for m in measures], rotation=15, fontsize=8)
+    ax.set_ylabel("share of domain-only's rise prevented")
+    ax.set_title("drift (per dialogue, 95 % bootstrap)")
+    ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:
