@@ -52,6 +52,9 @@ DRIFT = {"lima_heldout_nll": ("lima_heldout_nll", "nll"), "kl_to_base": ("kl", "
          "retention_nll": ("retention", "nll"), "retention_wide_nll": ("retention_wide", "nll"),
          "domain_nll": ("domain_nll", "nll")}
 DRIFT_PREVENTED = ("lima_heldout_nll", "kl_to_base", "retention_nll", "retention_wide_nll")
+DRIFT_NAMES = {"lima_heldout_nll": "held-out LIMA NLL", "kl_to_base": "KL to base",
+               "retention_nll": "NLL on held-out Balance-Tree dialogues",
+               "retention_wide_nll": "NLL on held-out Wide-Tree dialogues", "domain_nll": "held-out domain NLL"}
 EXTRA_ARMS = (*EXTRA_SOURCE, "domain_lora", "domain_equal_steps")
 
 
@@ -276,9 +279,11 @@ def _per_seed_text(x: dict) -> str:
     return side + ", ".join(f"seed {s} {d['delta']:+.3f}" for s, d in ps["seeds"].items())
 
 
-DRIFT_NAMES = {"lima_heldout_nll": "held-out LIMA NLL", "kl_to_base": "KL to base",
-               "retention_nll": "NLL on held-out Balance-Tree dialogues",
-               "retention_wide_nll": "NLL on held-out Wide-Tree dialogues"}
+def _share_text(p: dict | None) -> str | None:
+    """``74% [71%, 77%]`` for a prevented share with its interval; None when either is undefined."""
+    if not p or p.get("share") is None or not p.get("ci95"):
+        return None
+    return f"{p['share']:.0%} [{p['ci95'][0]:.0%}, {p['ci95'][1]:.0%}]"
 
 
 def _drift_text(dr: dict[str, dict]) -> str:
@@ -290,9 +295,8 @@ def _drift_text(dr: dict[str, dict]) -> str:
         rise = (rows.get("domain") or {}).get("vs_base")
         if not rise or rise["ci95"][0] <= 0:
             continue
-        shares = [f"{arm} {p['share']:.0%} [{p['ci95'][0]:.0%}, {p['ci95'][1]:.0%}]" for arm, row in rows.items()
-                  if arm in EXTRA_ARMS and (p := row.get("prevented")) and p.get("share") is not None
-                  and p.get("ci95")]
+        shares = [f"{arm} {t}" for arm, row in rows.items()
+                  if arm in EXTRA_ARMS and (t := _share_text(row.get("prevented")))]
         parts.append(f"{DRIFT_NAMES[name]} +{rise['delta']:.3f} [{rise['ci95'][0]:+.3f}, {rise['ci95'][1]:+.3f}]"
                      + (f", of which {', '.join(shares)} prevented" if shares else ""))
     if not parts:
@@ -442,18 +446,16 @@ def _drift_table(dr: dict[str, dict]) -> list[str]:
     if not dr:
         return []
     arms = list(dict.fromkeys(a for rows in dr.values() for a in rows))
-    names = {**DRIFT_NAMES, "domain_nll": "held-out domain NLL"}
     lines = ["", "Drift, paired over the same dialogues (arm minus base / arm minus domain-only, per-dialogue means "
              "with 95 % bootstrap intervals; seed means; lower is better) and the share of domain-only's rise "
-             "prevented:", "", "| arm | " + " | ".join(names[m] for m in dr) + " |", "|---|" + "---|" * len(dr)]
+             "prevented:", "", "| arm | " + " | ".join(DRIFT_NAMES[m] for m in dr) + " |", "|---|" + "---|" * len(dr)]
     for arm in arms:
         cells = []
         for m in dr:
             row = dr[m].get(arm) or {}
             got = [f"{_ci(row[k])} vs {k[3:]}" for k in ("vs_base", "vs_domain") if row.get(k)]
-            p = row.get("prevented") or {}
-            if p.get("share") is not None and p.get("ci95"):
-                got.append(f"{p['share']:.0%} [{p['ci95'][0]:.0%}, {p['ci95'][1]:.0%}] prevented")
+            if share := _share_text(row.get("prevented")):
+                got.append(f"{share} prevented")
             cells.append("; ".join(got) or "–")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
