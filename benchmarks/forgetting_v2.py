@@ -85,15 +85,18 @@ def seed_mean(results: dict[str, dict], arm: str) -> tuple[dict | None, list[int
     tasks = {}
     for task in results[labels[0]]["tasks"]:
         per = [results[lb]["tasks"].get(task, {}).get("items") or {} for lb in labels]
-        others = [set(p.get("ids", [])) for p in per[1:]]
-        ids = [i for i in per[0].get("ids", []) if all(i in o for o in others)]
-        items: dict = {"ids": ids}
+        items: dict = {"ids": list(_mean_by_id([dict.fromkeys(p.get("ids", []), 0) for p in per]))}
         for metric in set(per[0]) - {"ids"}:
-            look = [dict(zip(p["ids"], p[metric])) for p in per if metric in p]
-            if len(look) == len(per):
-                items[metric] = [sum(lk[i] for lk in look) / len(look) for i in ids]
+            if all(metric in p for p in per):
+                mean = _mean_by_id([dict(zip(p["ids"], p[metric])) for p in per])
+                items[metric] = [mean[i] for i in items["ids"]]
         tasks[task] = {"items": items}
     return {"tasks": tasks}, seeds
+
+
+def _mean_by_id(looks: list[dict]) -> dict:
+    """``{id: mean over looks}`` of ``{id: value}`` dicts, on the ids every look has, in the first look's order."""
+    return {i: sum(lk[i] for lk in looks) / len(looks) for i in looks[0] if all(i in lk for lk in looks[1:])}
 
 
 def _value(result: dict, key: str, metric: str) -> dict | None:
@@ -230,9 +233,7 @@ def drift_items(results: dict[str, dict], arm: str, key: str, field: str) -> dic
         if field not in items or (key.startswith("retention") and block.get("dialogues_sha256") != base_digest):
             return None
         looks.append(dict(zip(items["ids"], items[field])))
-    if not looks:
-        return None
-    return {i: sum(lk[i] for lk in looks) / len(looks) for i in looks[0] if all(i in lk for lk in looks[1:])}
+    return _mean_by_id(looks) if looks else None
 
 
 def drift(results: dict[str, dict]) -> dict[str, dict]:
@@ -364,13 +365,20 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict], dr: d
                 s = _side(c["tg_balance", ref]["primary"])
                 text.append(f"Against {what}: tg_balance minus {ref} {_ci(c['tg_balance', ref]['primary'])}, "
                             + {1: "TG did better.", 0: "no measurable difference.", -1: f"{ref} did better."}[s])
-        steps = c.get(("domain_equal_steps", "domain"))
-        if steps:
+        if ("tg_balance", "tg_wide") in c:
+            s = _side(c["tg_balance", "tg_wide"]["primary"])
+            text.append(f"Balance-Tree against Wide-Tree: tg_balance minus tg_wide "
+                        f"{_ci(c['tg_balance', 'tg_wide']['primary'])}, " +
+                        {1: "Balance-Tree did better.", 0: "no claim (the interval includes 0).",
+                         -1: "Wide-Tree did better."}[s])
+        if steps := c.get(("domain_equal_steps", "domain")):
             a, b = steps["primary"]["ci95"], tg["primary"]["ci95"]
             overlap = a[0] <= b[1] and b[0] <= a[1]
             text.append("Training domain-only for as many steps as tg_balance moved it by "
-                        f"{_ci(steps['primary'])}: " + ("overlapping TG's effect, so it is credited to the steps."
-                                                        if overlap else "apart from TG's effect."))
+                        f"{_ci(steps['primary'])} against domain-only: " +
+                        ("TG had no effect beyond domain-only, so there is nothing to credit to its extra steps."
+                         if rule == 0 else "overlapping TG's effect, so it is credited to the steps."
+                         if overlap else "apart from TG's effect, so TG's effect is its content's."))
     if dr and (line := _drift_text(dr)):
         text.append(line)
     costs = [f"{a} {v:.3f}" for a in dict.fromkeys(e["name"] for e in entries)

@@ -180,3 +180,30 @@ def test_drift_is_paired_per_dialogue_with_the_share_of_domain_only_s_rise_preve
 def test_no_drift_sentence_when_domain_only_did_not_drift(tmp_path):
     data = v2.summarize(v2.load_results(_arms(tmp_path, tg_recovers=True), "dev"), TASKS)
     assert data["drift"] == {} and "Drift" not in data["verdict"]
+
+
+def _add_arm(arms: Path, name: str, result: dict) -> None:
+    (arms / name).mkdir()
+    with gzip.open(arms / name / "result-dev.json.gz", "wt") as f:
+        json.dump(result, f)
+
+
+def test_balance_against_wide_and_equal_steps_sentences(tmp_path):
+    arms = _arms(tmp_path / "a", tg_recovers=True)
+    domain = np.array(v2.load_results(arms, "dev")["domain"]["tasks"][TASKS[0]]["items"]["acc"])
+    _add_arm(arms, "tg_wide", _result(domain, nll=0.85, steps=140, share=0.3))
+    _add_arm(arms, "domain_equal_steps", _result(domain, nll=0.90, steps=140))
+    data = v2.summarize(v2.load_results(arms, "dev"), TASKS)
+    comps = {(c["arm"], c["reference"]): c for c in data["comparisons"]}
+    wide = comps["tg_balance", "tg_wide"]["primary"]
+    assert wide["delta"] > 0 and wide["ci95"][0] > 0
+    assert f"tg_balance minus tg_wide {v2._ci(wide)}, Balance-Tree did better." in data["verdict"]
+    assert comps["domain_equal_steps", "domain"]["primary"]["delta"] == 0.0
+    assert "apart from TG's effect, so TG's effect is its content's." in data["verdict"]
+    # TG without an effect: equal steps have nothing to explain, and Balance against Wide makes no claim
+    flat = _arms(tmp_path / "b", tg_recovers=False)
+    _add_arm(flat, "tg_wide", _result(domain, nll=0.85, steps=140, share=0.3))
+    _add_arm(flat, "domain_equal_steps", _result(domain, nll=0.90, steps=140))
+    verdict = v2.summarize(v2.load_results(flat, "dev"), TASKS)["verdict"]
+    assert "nothing to credit to its extra steps" in verdict and "credited to the steps" not in verdict
+    assert "tg_balance minus tg_wide +0.000 [+0.000, +0.000], no claim (the interval includes 0)." in verdict
