@@ -379,6 +379,10 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict], dr: d
                         ("TG had no effect beyond domain-only, so there is nothing to credit to its extra steps."
                          if rule == 0 else "overlapping TG's effect, so it is credited to the steps."
                          if overlap else "apart from TG's effect, so TG's effect is its content's."))
+            if same := c.get(("tg_balance", "domain_equal_steps")):
+                text.append(f"At the same number of steps, tg_balance minus domain_equal_steps {_ci(same['primary'])}"
+                            + {1: ": the TG mix kept more than domain data alone.", 0: ", no measurable difference.",
+                               -1: ": the TG mix lost more than domain data alone."}[_side(same["primary"])])
     if dr and (line := _drift_text(dr)):
         text.append(line)
     costs = [f"{a} {v:.3f}" for a in dict.fromkeys(e["name"] for e in entries)

@@ -200,6 +200,8 @@ def test_balance_against_wide_and_equal_steps_sentences(tmp_path):
     assert f"tg_balance minus tg_wide {v2._ci(wide)}, Balance-Tree did better." in data["verdict"]
     assert comps["domain_equal_steps", "domain"]["primary"]["delta"] == 0.0
     assert "apart from TG's effect, so TG's effect is its content's." in data["verdict"]
+    same = comps["tg_balance", "domain_equal_steps"]["primary"]
+    assert f"tg_balance minus domain_equal_steps {v2._ci(same)}: the TG mix kept more" in data["verdict"]
     # TG without an effect: equal steps have nothing to explain, and Balance against Wide makes no claim
     flat = _arms(tmp_path / "b", tg_recovers=False)
     _add_arm(flat, "tg_wide", _result(domain, nll=0.85, steps=140, share=0.3))
