@@ -85,7 +85,8 @@ def seed_mean(results: dict[str, dict], arm: str) -> tuple[dict | None, list[int
     tasks = {}
     for task in results[labels[0]]["tasks"]:
         per = [results[lb]["tasks"].get(task, {}).get("items") or {} for lb in labels]
-        items: dict = {"ids": list(_mean_by_id([dict.fromkeys(p.get("ids", []), 0) for p in per]))}
+        others = [set(p.get("ids", [])) for p in per[1:]]
+        items: dict = {"ids": [i for i in per[0].get("ids", []) if all(i in o for o in others)]}
         for metric in set(per[0]) - {"ids"}:
             if all(metric in p for p in per):
                 mean = _mean_by_id([dict(zip(p["ids"], p[metric])) for p in per])
@@ -312,6 +313,15 @@ def _side(d: dict) -> int:
     return 1 if lo > 0 else -1 if hi < 0 else 0
 
 
+def _against(c: dict, ref: str, lead: str, endings: tuple[str, str, str]) -> str:
+    """``<lead>tg_balance minus <ref> <delta [ci]><ending>``, the ending for an interval above 0, spanning 0 or below
+    0; '' when that comparison was not made."""
+    if ("tg_balance", ref) not in c:
+        return ""
+    d = c["tg_balance", ref]["primary"]
+    return f"{lead}tg_balance minus {ref} {_ci(d)}" + endings[1 - _side(d)]
+
+
 def _mean_of(entries: list[dict], arm: str, key: str) -> float | None:
     vals = [e[key]["value"] for e in entries if e["name"] == arm and e.get(key)]
     return sum(vals) / len(vals) if vals else None
@@ -361,16 +371,10 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict], dr: d
         text.append(f"{claim} (tg_balance seeds {', '.join(map(str, tg['seeds']))}; held-out domain NLL "
                     f"{tg_nll:.3f} against domain-only's {d_nll:.3f}).")
         for ref, what in (("replay_lima", "human-data replay (LIMA)"), ("domain_lora", "LoRA")):
-            if ("tg_balance", ref) in c:
-                s = _side(c["tg_balance", ref]["primary"])
-                text.append(f"Against {what}: tg_balance minus {ref} {_ci(c['tg_balance', ref]['primary'])}, "
-                            + {1: "TG did better.", 0: "no measurable difference.", -1: f"{ref} did better."}[s])
-        if ("tg_balance", "tg_wide") in c:
-            s = _side(c["tg_balance", "tg_wide"]["primary"])
-            text.append(f"Balance-Tree against Wide-Tree: tg_balance minus tg_wide "
-                        f"{_ci(c['tg_balance', 'tg_wide']['primary'])}, " +
-                        {1: "Balance-Tree did better.", 0: "no claim (the interval includes 0).",
-                         -1: "Wide-Tree did better."}[s])
+            text.append(_against(c, ref, f"Against {what}: ", (", TG did better.", ", no measurable difference.",
+                                                                f", {ref} did better.")))
+        text.append(_against(c, "tg_wide", "Balance-Tree against Wide-Tree: ", (
+            ", Balance-Tree did better.", ", no claim (the interval includes 0).", ", Wide-Tree did better.")))
         if steps := c.get(("domain_equal_steps", "domain")):
             a, b = steps["primary"]["ci95"], tg["primary"]["ci95"]
             overlap = a[0] <= b[1] and b[0] <= a[1]
@@ -379,10 +383,9 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict], dr: d
                         ("TG had no effect beyond domain-only, so there is nothing to credit to its extra steps."
                          if rule == 0 else "overlapping TG's effect, so it is credited to the steps."
                          if overlap else "apart from TG's effect, so TG's effect is its content's."))
-            if same := c.get(("tg_balance", "domain_equal_steps")):
-                text.append(f"At the same number of steps, tg_balance minus domain_equal_steps {_ci(same['primary'])}"
-                            + {1: ": the TG mix kept more than domain data alone.", 0: ", no measurable difference.",
-                               -1: ": the TG mix lost more than domain data alone."}[_side(same["primary"])])
+            text.append(_against(c, "domain_equal_steps", "At the same number of steps, ", (
+                ": the TG mix kept more than domain data alone.", ", no measurable difference.",
+                ": the TG mix lost more than domain data alone.")))
     if dr and (line := _drift_text(dr)):
         text.append(line)
     costs = [f"{a} {v:.3f}" for a in dict.fromkeys(e["name"] for e in entries)
@@ -397,7 +400,7 @@ def verdict(comps: list[dict], prev: dict[str, dict], entries: list[dict], dr: d
     else:
         text.append("The paper's claim cannot be tested at this scale: domain-only SFT in this regime did not "
                     "lose general-task accuracy measurably.")
-    return " ".join(text)
+    return " ".join(t for t in text if t)
 
 
 def summarize(results: dict[str, dict], tasks: list[str]) -> dict:

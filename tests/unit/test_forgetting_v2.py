@@ -46,10 +46,14 @@ def _arms(tmp_path: Path, *, tg_recovers: bool) -> Path:
             "tg_balance-s1": _result(tg, nll=0.86, steps=140, share=0.3),
             "replay_lima": _result(domain, nll=0.83, steps=140, share=0.3)}
     for name, r in arms.items():
-        (tmp_path / name).mkdir(parents=True)
-        with gzip.open(tmp_path / name / "result-dev.json.gz", "wt") as f:  # committed scorings are gzipped
-            json.dump(r, f)
+        _add_arm(tmp_path, name, r)
     return tmp_path
+
+
+def _add_arm(arms: Path, name: str, result: dict) -> None:
+    (arms / name).mkdir(parents=True)
+    with gzip.open(arms / name / "result-dev.json.gz", "wt") as f:  # committed scorings are gzipped
+        json.dump(result, f)
 
 
 def test_labels_and_seed_means(tmp_path):
@@ -180,12 +184,6 @@ def test_drift_is_paired_per_dialogue_with_the_share_of_domain_only_s_rise_preve
 def test_no_drift_sentence_when_domain_only_did_not_drift(tmp_path):
     data = v2.summarize(v2.load_results(_arms(tmp_path, tg_recovers=True), "dev"), TASKS)
     assert data["drift"] == {} and "Drift" not in data["verdict"]
-
-
-def _add_arm(arms: Path, name: str, result: dict) -> None:
-    (arms / name).mkdir()
-    with gzip.open(arms / name / "result-dev.json.gz", "wt") as f:
-        json.dump(result, f)
 
 
 def test_balance_against_wide_and_equal_steps_sentences(tmp_path):
