@@ -13,7 +13,8 @@ MFU = 6 x parameters x tokens/s (attention FLOPs not counted) over the peak matm
 for the chosen precision at that thread count (the best of 1024- and 2048-square matmuls). The arms alternate
 order per repeat; medians.
 
-``--layouts WxC:Z`` adds tgsft runs with W workers of C CPUs at ZeRO stage Z (e.g. ``2x1:2`` was the old default).
+``--layouts WxC:Z`` adds tgsft runs with W workers of C CPUs at ZeRO stage Z (e.g. ``2x1:2`` was the old default);
+``WxC:Z+lora`` trains LoRA adapters (the study's r 16, alpha 32, default target modules) instead of all weights.
 The mix is the built-in domain set, plus a TG corpus at ``--tg-ratio`` with ``--corpus``.
 Writes ``benchmarks/results/bench_sft.json`` and ``.png``.
 """
@@ -34,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # the study's LoRA arm (benchmarks/forgetting.py)
 
 
 def _config(work: Path, args: argparse.Namespace, *overrides: str):
@@ -128,9 +131,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="epochs of the mix in the stream (enough for --steps)")
     ap.add_argument("--corpus", help="a TG corpus to mix in at --tg-ratio (default: domain data only)")
     ap.add_argument("--tg-ratio", type=float, default=0.3)
-    ap.add_argument("--layouts", nargs="*", default=[], help="extra tgsft runs, WORKERSxCPUS:ZERO (e.g. 2x1:2)")
+    ap.add_argument("--layouts", nargs="*", default=[],
+                    help="extra tgsft runs, WORKERSxCPUS:ZERO (e.g. 2x1:2); a +lora suffix trains LoRA adapters")
     ap.add_argument("--name", default="bench_sft")
     args = ap.parse_args()
+    if bad := [s for s in args.layouts if s.partition("+")[2] not in ("", "lora")]:
+        ap.error(f"--layouts: unknown variant in {bad} (only +lora)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from pipeline.hardware import matmul_tflops
@@ -155,9 +161,11 @@ def main() -> None:
                     precision = next(r["precision"] for r in tgsft_runs)
                 torch_runs.append(_torch_loop(cfg, prep, precision=precision, steps=args.steps) | {"precision": precision})
         for spec in args.layouts:
-            (workers, cpus), zero = (s for s in spec.split(":")[0].split("x")), spec.split(":")[1]
+            layout, _, variant = spec.partition("+")
+            (workers, cpus), zero = (s for s in layout.split(":")[0].split("x")), layout.split(":")[1]
+            lora = [f"train.lora={json.dumps(LORA)}"] if variant == "lora" else []
             run_cfg = _config(work, args, f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}",
-                              f"train.zero_stage={zero}")
+                              f"train.zero_stage={zero}", *lora)
             print(f"repeat {rep + 1}/{args.repeats}: tgsft {spec}")
             layout_runs.append(_tgsft(run_cfg, work / f"layout-{spec}-{rep}") | {"layout": spec})
 

@@ -26,6 +26,24 @@ def test_cpu_auto_picks_the_measured_faster_precision():
     assert dtype in ("bfloat16", "float32") and "faster than" in reason
 
 
+def test_cpu_auto_keeps_each_precisions_best_of_alternating_measurements(monkeypatch):
+    """A burst of other load during one measurement (here bf16's first) must not flip the choice."""
+    import pipeline.hardware as hw
+
+    readings = {"bf16": [0.10, 0.80, 0.78], "fp32": [0.20, 0.19, 0.21]}
+    order = []
+
+    def fake(precision, **_):
+        order.append(precision)
+        return readings[precision].pop(0)
+
+    monkeypatch.setattr(hw, "matmul_tflops", fake)
+    choice = hw.choose_precision()
+    assert choice["precision"] == "bf16" and choice["tflops"] == {"bf16": 0.8, "fp32": 0.21}
+    assert order == ["bf16", "fp32"] * 3  # interleaved, so a slow spell hits both or neither
+    assert choice["reason"].startswith("bf16 matmul measured 3.8x faster than fp32")
+
+
 def test_worker_config_is_built_from_the_run_config():
     from pipeline.train import Prepared, worker_config
 
