@@ -26,6 +26,7 @@ def test_cpu_auto_picks_the_measured_faster_precision():
     assert dtype in ("bfloat16", "float32") and "faster than" in reason
 
 
+@pytest.mark.model  # torch (the CPU capability in the reason)
 def test_cpu_auto_keeps_each_precisions_best_of_alternating_measurements(monkeypatch):
     """A burst of other load during one measurement (here bf16's first) must not flip the choice."""
     import pipeline.hardware as hw
