@@ -14,7 +14,8 @@ for the chosen precision at that thread count (the best of 1024- and 2048-square
 order per repeat; medians.
 
 ``--layouts WxC:Z`` adds tgsft runs with W workers of C CPUs at ZeRO stage Z (e.g. ``2x1:2`` was the old default);
-``WxC:Z+lora`` trains LoRA adapters (the study's r 16, alpha 32, default target modules) instead of all weights.
+``WxC:Z+lora`` trains LoRA adapters (``LoraConfig``'s defaults, r 16, alpha 32, as the study's LoRA arm) instead of
+all weights.
 The mix is the built-in domain set, plus a TG corpus at ``--tg-ratio`` with ``--corpus``.
 Writes ``benchmarks/results/bench_sft.json`` and ``.png``.
 """
@@ -35,8 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # the study's LoRA arm (benchmarks/forgetting.py)
 
 
 def _config(work: Path, args: argparse.Namespace, *overrides: str):
@@ -163,7 +162,7 @@ def main() -> None:
         for spec in args.layouts:
             layout, _, variant = spec.partition("+")
             (workers, cpus), zero = (s for s in layout.split(":")[0].split("x")), layout.split(":")[1]
-            lora = [f"train.lora={json.dumps(LORA)}"] if variant == "lora" else []
+            lora = ["train.lora={}"] if variant == "lora" else []  # LoraConfig's defaults: the study's LoRA arm
             run_cfg = _config(work, args, f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}",
                               f"train.zero_stage={zero}", *lora)
             print(f"repeat {rep + 1}/{args.repeats}: tgsft {spec}")
